@@ -1,0 +1,192 @@
+"""Block-by-block calibration: the loop that Wanda, SparseGPT, LoSA and BESA share.
+
+The calibration sequences are embedded once; then each decoder layer ("block") in order is
+gathered, fed the outputs of the blocks before it, measured (statistics of each linear's
+input, Gram matrices for CKA, reconstruction errors), possibly pruned, re-run to produce
+the next block's input, and released. Only one block's weights are ever gathered, and all
+statistics are sums, so the same code runs on one process or on many ZeRO-3 ranks (each
+rank holds a share of the calibration sequences; the runtime all-reduces the sums).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .modeling import decoder_layers, layer_linears
+from .pruners import Pruner, SparsityTarget
+from .runtime import Runtime
+
+
+class _StopForward(Exception):
+    """Raised by the catcher hook once the first decoder layer's inputs are captured."""
+
+
+@dataclass
+class Activations:
+    """Hidden states of this rank's calibration sequences entering the current block.
+
+    ``kwargs`` are the keyword arguments the model passes to every decoder layer (rotary
+    position embeddings, the causal mask if the attention implementation needs one),
+    captured from a real forward so they match whatever transformers version is installed.
+    """
+
+    hidden: torch.Tensor  # [n_local, seq, hidden]
+    kwargs: dict = field(default_factory=dict)
+
+    def clone(self) -> "Activations":
+        return Activations(self.hidden.clone(), self.kwargs)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, input_ids: torch.Tensor, runtime: Runtime, batch_size: int) -> Activations:
+    """Run the model up to its first decoder layer and keep that layer's inputs."""
+    first = decoder_layers(model)[0]
+    captured: list[torch.Tensor] = []
+    kwargs_box: dict = {}
+
+    def catcher(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden.detach())
+        if not kwargs_box:
+            kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(runtime.device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in kwargs_box.items() if k not in ("use_cache", "past_key_values", "past_key_value", "cache")}
+    kwargs["use_cache"] = False
+    return Activations(torch.cat(captured, 0), kwargs)
+
+
+def _call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The block's outputs for every local sequence, stored where the inputs are stored."""
+    outs = []
+    for start in range(0, acts.hidden.shape[0], batch_size):
+        x = acts.hidden[start:start + batch_size].to(device)
+        outs.append(_call_block(block, x, acts.kwargs).to(acts.hidden.device))
+    if not outs:
+        return acts.hidden.clone()
+    return torch.cat(outs, 0)
+
+
+@torch.no_grad()
+def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, runtime: Runtime, batch_size: int) -> dict:
+    """Per-linear statistics of the inputs of the block's target linears, summed over all ranks."""
+    linears = layer_linears(block)
+    stats = {name: pruner.new_stats(lin.in_features, device=runtime.device) for name, lin in linears.items()}
+    if all(s is None for s in stats.values()):
+        return stats
+    handles = []
+    for name, lin in linears.items():
+        if stats[name] is not None:
+            handles.append(lin.register_forward_hook(lambda m, inp, out, s=stats[name]: s.add_batch(inp[0].detach())))
+    try:
+        forward_block(block, acts, batch_size, runtime.device)
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stats.values():
+        if s is not None:
+            runtime.all_reduce_sum_(s.tensors())
+    return stats
+
+
+@dataclass
+class LayerPruneResult:
+    layer: int
+    pruned: dict[str, tuple[int, int]]  # linear name -> (pruned, total)
+
+    @property
+    def sparsity(self) -> float:
+        p = sum(v[0] for v in self.pruned.values())
+        t = sum(v[1] for v in self.pruned.values())
+        return p / t if t else 0.0
+
+
+def sequential_prune(
+    model: nn.Module,
+    acts: Activations,
+    pruner: Pruner,
+    targets: Callable[[int], dict[str, SparsityTarget]],
+    runtime: Runtime,
+    batch_size: int,
+    before_block: Callable[[int, nn.Module], None] | None = None,
+    after_block: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+    desc: str = "prune",
+) -> list[LayerPruneResult]:
+    """Prune every block in order, each calibrated on the outputs of the pruned blocks before it.
+
+    ``targets(l)`` gives the sparsity target of each linear of layer ``l``. ``before_block``
+    runs on the gathered block before statistics are taken (LoSA merges its adapters there);
+    ``after_block`` sees the pruned block's outputs (LoSA measures reconstruction error).
+    ``acts`` is consumed: on return it holds the last block's outputs.
+    """
+    results = []
+    layers = decoder_layers(model)
+    for l in runtime.progress(range(len(layers)), desc=desc, unit="block"):
+        block = layers[l]
+        with runtime.gathered(block):
+            if before_block is not None:
+                before_block(l, block)
+            stats = collect_input_stats(block, pruner, acts, runtime, batch_size)
+            layer_targets = targets(l)
+            pruned = {}
+            for name, lin in layer_linears(block).items():
+                prev_keep = lin.keep_mask() if hasattr(lin, "keep_mask") else None
+                weight = runtime.read_weight(lin)
+                new_weight, keep = pruner.prune(weight, stats[name], layer_targets[name], prev_keep=prev_keep,
+                                                name=f"layer {l} {name}")
+                runtime.write_linear(lin, new_weight, keep)
+                del weight, new_weight
+                pruned[name] = runtime.count_pruned(lin)
+            del stats
+            out = forward_block(block, acts, batch_size, runtime.device)
+            if after_block is not None:
+                after_block(l, block, out)
+        acts.hidden = out
+        results.append(LayerPruneResult(l, pruned))
+    return results
+
+
+@torch.no_grad()
+def layer_input_grams(model: nn.Module, acts: Activations, runtime: Runtime, batch_size: int, n: int) -> list[torch.Tensor]:
+    """Gram matrices (n x n, float64) of every decoder layer's input, each sequence flattened
+    to one row (method doc section 2). Uses the first ``n`` calibration sequences; ``acts``
+    must hold exactly those (callers pass a slice)."""
+    grams = []
+    layers = decoder_layers(model)
+    for l in runtime.progress(range(len(layers)), desc="cka", unit="block"):
+        grams.append(runtime.gram(acts.hidden.reshape(acts.hidden.shape[0], -1), n))
+        with runtime.gathered(layers[l]):
+            acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
+    return grams
+
+
+@torch.no_grad()
+def dense_layer_outputs(model: nn.Module, acts: Activations, runtime: Runtime, batch_size: int) -> list[torch.Tensor]:
+    """Outputs of every decoder layer of the (still dense) model: LoSA's reconstruction
+    targets D_l (method doc section 4), computed once. Kept on the activations' device."""
+    outs = []
+    layers = decoder_layers(model)
+    for l in runtime.progress(range(len(layers)), desc="dense targets", unit="block"):
+        with runtime.gathered(layers[l]):
+            acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
+        outs.append(acts.hidden)
+    return outs

@@ -1,0 +1,155 @@
+"""The ``losa-zero`` command line.
+
+Flags of ``prune`` and ``losa`` are generated from the config dataclasses, so a flag, a YAML
+recipe key and a ZeRO-3 run-config key are always the same option. Errors the user can fix
+print one line and exit with code 2; nothing half-written is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .config import LosaConfig, PruneConfig, build_config, load_yaml
+from .errors import LosaZeroError
+
+log = logging.getLogger("losa_zero")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field; defaults are suppressed so only given flags override
+    the YAML recipe and the dataclass defaults."""
+    parser.add_argument("--config", help="YAML recipe setting any of these options (flags override it)")
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if f.type in ("bool", bool) or isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        if default not in (None, False, dataclasses.MISSING) and not meta.get("required"):
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _config_from_args(cls, args: argparse.Namespace):
+    layers = []
+    if getattr(args, "config", None):
+        layers.append(load_yaml(args.config))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    layers.append(given)
+    return build_config(cls, *layers)
+
+
+def _command_line(argv: list[str]) -> str:
+    return "losa-zero " + " ".join(shlex.quote(a) for a in argv)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert_llama2c import convert_llama2c
+
+    out = convert_llama2c(Path(args.checkpoint), Path(args.tokenizer), Path(args.out), overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import run_prune
+
+    run_prune(_config_from_args(PruneConfig, args), command=args.command_line)
+    return 0
+
+
+def cmd_losa(args: argparse.Namespace) -> int:
+    from .pipeline import run_losa
+
+    run_losa(_config_from_args(LosaConfig, args), command=args.command_line)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval_command import run_eval
+
+    run_eval(args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.workdir), data_dir=args.data, quick=args.quick, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="losa-zero", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face LLaMA directory")
+    p.add_argument("checkpoint", help="llama2.c legacy .bin checkpoint")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer .model")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("prune", help="one-shot magnitude / Wanda / SparseGPT pruning, unstructured or N:M")
+    _add_config_flags(p, PruneConfig)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("losa", help="LoSA: progressive pruning with sparse LoRA fine-tuning between steps")
+    _add_config_flags(p, LosaConfig)
+    p.set_defaults(func=cmd_losa)
+
+    p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model directory")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--ppl", default="", help="texts to score, comma-separated [text|jsonl|alpaca|wikitext2:]PATH")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default: the model's context length)")
+    p.add_argument("--tasks", default="", help="zero-shot tasks through lm-eval, comma-separated")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per zero-shot task")
+    p.add_argument("--tasks-data", default=None, help="folder of the zero-shot JSONL files (default: $LOSA_ZERO_DATA/lm-eval-slices)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="convert stories260K, run one-shot Wanda and LoSA at 70%%, print the table")
+    p.add_argument("--data", default=None, help="fixture folder (default: $LOSA_ZERO_DATA)")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its models and report")
+    p.add_argument("--quick", action="store_true", help="fewer fine-tuning samples (a smoke test, not the result)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = _command_line(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except LosaZeroError as e:
+        print(f"losa-zero: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("losa-zero: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

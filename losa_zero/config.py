@@ -1,0 +1,209 @@
+"""Validated run configurations: one dataclass per command, one field per option.
+
+The same field names are the CLI flags (``--samples-per-step``), the YAML recipe keys
+(``samples_per_step``) and, for the ZeRO-3 entry point, the run-config keys, so a run reads
+the same way everywhere. Precedence: dataclass default < YAML file (``--config``) <
+command-line flag. Defaults are the released LoSA hyperparameters (method doc section 6)
+unless a field's help says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LosaZeroError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False):
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
+@dataclass
+class CommonConfig:
+    model: str | None = opt(None, "Hugging Face model directory (local)", required=True)
+    out: str | None = opt(None, "output directory (written atomically)", required=True)
+    calib: str | None = opt(None, "calibration text: [text|jsonl|alpaca|wikitext2:]PATH", required=True)
+    nsamples: int = opt(128, "calibration sequences")
+    seqlen: int | None = opt(None, "calibration sequence length (default: min(2048, model context))")
+    seed: int = opt(0, "seed for calibration windows, data order and LoRA init")
+    dtype: str = opt("float32", "weight dtype during the run", ("float32", "bfloat16", "float16"))
+    device: str = opt("auto", "torch device (auto: cuda if available)")
+    calib_batch_size: int = opt(8, "sequences per block forward during calibration")
+    rounding: str = opt("nearest", "per-linear pruned count: nearest to the rate (default) or the released int() per row",
+                        ("nearest", "floor"))
+    blocksize: int = opt(128, "SparseGPT column block size")
+    percdamp: float = opt(0.01, "SparseGPT dampening, fraction of the mean Hessian diagonal")
+    cka_nsamples: int = opt(64, "calibration sequences used for the CKA importance (released: 64 for 7B)")
+    beta: float | None = opt(None, "RMI importance temperature (default: 1 with Wanda, 100 with SparseGPT)")
+    ppl: list[str] = field(default_factory=list, metadata={"help": "texts to score after the run, comma-separated source specs"})
+    eval_seqlen: int | None = opt(None, "perplexity window length (default: the model's context length)")
+    overwrite: bool = opt(False, "replace an existing output directory")
+
+    def make_pruner(self, name: str):
+        """The pruner ``name`` built with the options of this config that it takes."""
+        from .pruners import get_pruner
+
+        options = {"rounding": self.rounding}
+        if name == "sparsegpt":
+            options.update(blocksize=self.blocksize, percdamp=self.percdamp)
+        return get_pruner(name, **options)
+
+    def validate(self) -> "CommonConfig":
+        for f in fields(self):
+            if f.metadata.get("required") and getattr(self, f.name) in (None, ""):
+                raise LosaZeroError(f"missing required option --{f.name.replace('_', '-')}")
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise LosaZeroError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
+        for name in ("nsamples", "calib_batch_size", "blocksize", "cka_nsamples"):
+            if getattr(self, name) < 1:
+                raise LosaZeroError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise LosaZeroError(f"--seqlen must be >= 2 (got {self.seqlen})")
+        if not 0 <= self.percdamp < 1:
+            raise LosaZeroError(f"--percdamp must be in [0, 1) (got {self.percdamp})")
+        if not Path(self.model).is_dir():
+            raise LosaZeroError(f"model directory not found: {self.model} (convert or download the model first)")
+        return self
+
+
+def _check_sparsity(value: float | None, flag: str = "--sparsity") -> None:
+    if value is None:
+        raise LosaZeroError(f"missing required option {flag}")
+    if not 0.0 <= value < 1.0:
+        raise LosaZeroError(f"{flag} must be in [0, 1) (got {value})")
+
+
+@dataclass
+class PruneConfig(CommonConfig):
+    method: str = opt("wanda", "one-shot pruning method", ("magnitude", "wanda", "sparsegpt"))
+    sparsity: float | None = opt(None, "target fraction of pruned weights, in [0, 1)")
+    nm: str | None = opt(None, "N:M pattern (N kept of every M), e.g. 2:4; or one N:M per layer, comma-separated")
+    allocation: str = opt("uniform", "layer-wise sparsity rates", ("uniform", "rmi"))
+
+    def validate(self) -> "PruneConfig":
+        if self.nm is None:
+            _check_sparsity(self.sparsity)
+        elif self.allocation != "uniform":
+            raise LosaZeroError("--allocation applies to unstructured sparsity; with --nm give one N:M per layer instead")
+        return super().validate()
+
+
+@dataclass
+class LosaConfig(CommonConfig):
+    sparsity: float | None = opt(None, "final target sparsity S, in [0, 1)")
+    steps: int = opt(5, "LoSA steps T (released: 5)")
+    pruner: str = opt("wanda", "pruner applied to the merged weights at each step", ("wanda", "sparsegpt"))
+    allocation: str = opt("rmi", "layer-wise sparsity rates per step", ("rmi", "uniform"))
+    delta: float | None = opt(None, "rate band half-width (default: released 0.01/0.02/0.03 by step target)")
+    train: str | None = opt(None, "fine-tuning data: [text|jsonl|alpaca:]PATH", required=True)
+    samples_per_step: int = opt(1000, "fine-tuning samples for steps t < T (released: 1000)")
+    final_step_samples: int = opt(6000, "fine-tuning samples for the last step (released: 6000)")
+    max_length: int = opt(1024, "fine-tuning example length in tokens (released: 1024)")
+    train_on_inputs: bool = opt(True, "compute the loss on prompt tokens too (instruction data)")
+    lora_max_rank: int = opt(16, "LoRA factors' rank at creation = the largest allocatable rank")
+    lora_alpha: float = opt(16.0, "LoRA alpha (released: 16)")
+    lora_scale_rank: int = opt(8, "rank in the fixed scale s = alpha / this (released: initial rank 8, s = 2)")
+    lora_dropout: float = opt(0.1, "LoRA dropout (released: 0.1)")
+    rank_start: float = opt(6.0, "mean LoRA rank at step 1 (released: 6)")
+    rank_end: float = opt(10.0, "mean LoRA rank at step T (released: 10)")
+    rank_allocation: str = opt("error", "per-layer ranks from reconstruction error (LoSA) or uniform (ablation)",
+                               ("error", "uniform"))
+    optimizer: str = opt("paged_adamw_8bit", "LoRA optimizer", ("paged_adamw_8bit", "adamw_8bit", "adamw"))
+    lr: float = opt(2e-4, "learning rate (released: 2e-4)")
+    weight_decay: float = opt(0.001, "weight decay (released: 0.001)")
+    max_grad_norm: float = opt(0.3, "gradient clipping (released: 0.3)")
+    warmup_ratio: float = opt(0.3, "linear warmup fraction of each step's schedule (released: 0.3)")
+    batch_size: int = opt(8, "effective batch size (released: 8 for 7B)")
+    micro_batch_size: int = opt(8, "examples per forward; gradients accumulate up to --batch-size")
+
+    def validate(self) -> "LosaConfig":
+        _check_sparsity(self.sparsity)
+        if self.steps < 1:
+            raise LosaZeroError(f"--steps must be >= 1 (got {self.steps})")
+        if self.lora_max_rank < 1 or self.lora_scale_rank < 1:
+            raise LosaZeroError("--lora-max-rank and --lora-scale-rank must be >= 1")
+        if not 1 <= self.rank_start <= self.lora_max_rank or not 1 <= self.rank_end <= self.lora_max_rank:
+            raise LosaZeroError(f"--rank-start/--rank-end must be in [1, --lora-max-rank={self.lora_max_rank}]")
+        if self.delta is not None and not 0 <= self.delta < 1:
+            raise LosaZeroError(f"--delta must be in [0, 1) (got {self.delta})")
+        for name in ("samples_per_step", "final_step_samples", "max_length", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise LosaZeroError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.batch_size % self.micro_batch_size:
+            raise LosaZeroError("--batch-size must be a multiple of --micro-batch-size")
+        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio <= 1:
+            raise LosaZeroError("--lora-dropout must be in [0, 1) and --warmup-ratio in [0, 1]")
+        if self.lr <= 0:
+            raise LosaZeroError(f"--lr must be > 0 (got {self.lr})")
+        return super().validate()
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_scale_rank
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise LosaZeroError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LosaZeroError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LosaZeroError(f"config file {p} must hold a mapping of option: value")
+    return data
+
+
+def build_config(cls, *layers: dict):
+    """Merge option layers (later wins) into a validated ``cls`` instance; unknown keys are errors."""
+    known = {f.name: f for f in fields(cls)}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            k = key.replace("-", "_")
+            if k not in known:
+                raise LosaZeroError(f"unknown option {key!r} (see --help for the valid options)")
+            merged[k] = value
+    if isinstance(merged.get("ppl"), str):
+        merged["ppl"] = [s for s in merged["ppl"].split(",") if s]
+    try:
+        cfg = cls(**merged)
+    except TypeError as e:
+        raise LosaZeroError(str(e)) from None
+    for f in fields(cfg):
+        _coerce(cfg, f)
+    return cfg.validate()
+
+
+def _coerce(cfg, f) -> None:
+    """YAML and key=value overrides arrive as str/int; give each field its declared type."""
+    value = getattr(cfg, f.name)
+    if value is None or f.name == "ppl":
+        return
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind = type(default) if default is not None else None
+    if "float" in str(f.type) and not isinstance(value, bool):
+        kind = float
+    elif "int" in str(f.type) and "str" not in str(f.type):
+        kind = int
+    elif f.type in ("bool", bool):
+        kind = bool
+    elif "str" in str(f.type):
+        kind = str
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            value = value.lower() in ("true", "1", "yes")
+        elif kind is not None:
+            value = kind(value)
+    except (TypeError, ValueError):
+        raise LosaZeroError(f"option {f.name} expects {kind.__name__} (got {value!r})") from None
+    setattr(cfg, f.name, value)

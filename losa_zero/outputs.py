@@ -1,0 +1,112 @@
+"""Crash-safe outputs and resource reporting.
+
+Pruning and fine-tuning runs take hours and may be killed (OOM, scheduler preemption).
+A half-written model directory that *looks* complete is worse than none, because a later
+evaluation would silently score a broken checkpoint. So every output directory is built
+under a temporary sibling name and only renamed into place once it is complete; rename
+within one filesystem is atomic on POSIX.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from losa_zero.errors import LosaZeroError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``path`` only on success.
+
+    The existence check happens on enter, before the caller does any (possibly
+    hours-long) work, so a clash with an earlier result is reported immediately.
+    The temporary directory is a sibling (same filesystem) so the final rename is atomic.
+    On an exception the temporary directory is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LosaZeroError(
+            f"output directory {path} already exists: choose another --out or pass --overwrite"
+        )
+    if path.exists() and not path.is_dir():
+        raise LosaZeroError(f"output path {path} exists and is not a directory: choose another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LosaZeroError(f"cannot create the parent folder of {path}: {exc.strerror}; choose another --out") from exc
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left over by a crashed run that had the same pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Success: move into place. With overwrite, keep the old result until the new one is
+    # in place so that at every instant one complete directory exists under some name.
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON so that readers never see a truncated file.
+
+    Metrics files are polled by dashboards and re-read by resumed runs; writing to a temp
+    file in the same directory and ``os.replace``-ing it makes the update all-or-nothing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def peak_memory() -> dict:
+    """Peak host RSS and peak CUDA allocation of this process, in bytes.
+
+    Memory is the whole point of running under ZeRO-3, so every run records it. ``ru_maxrss``
+    is reported in KiB on Linux but in bytes on macOS. CUDA is ``None`` when unavailable so
+    CPU runs do not report a misleading zero.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host = int(rss) if sys.platform == "darwin" else int(rss) * 1024
+    cuda = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cuda = int(torch.cuda.max_memory_allocated())
+    except Exception:  # pragma: no cover - torch absent or CUDA broken
+        cuda = None
+    return {"host_rss_bytes": host, "cuda_bytes": cuda}

@@ -1,0 +1,248 @@
+"""The one interface every pruning algorithm implements.
+
+Why this shape: the block loop (``losa_zero.blockwise``) must run the same code for every
+algorithm on one process and under DeepSpeed ZeRO-3 on many ranks. So a pruner is split in
+two parts that never touch a model or a process group:
+
+* :class:`LinearStats` accumulates statistics of one linear's *input* activations as plain
+  sums. Sums over tokens are what ranks can all-reduce: the caller sums
+  :meth:`LinearStats.tensors` in place across ranks and every rank then holds the statistics
+  of the whole calibration set.
+* :meth:`Pruner.prune` is pure tensor math on the gathered weight and the reduced
+  statistics. Every rank gets the same inputs, so every rank computes the same mask (all
+  selections are deterministic: stable sorts, ties broken by index).
+
+Masks are KEEP masks (bool, True = the weight survives), shaped like the weight
+``[out_features, in_features]``.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import LosaZeroError
+
+ROUNDING_MODES = ("nearest", "floor")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SparsityTarget:
+    """What one linear must reach.
+
+    ``rate`` is the fraction of weights pruned, in [0, 1). ``nm = (n_keep, m)`` asks for at
+    most ``n_keep`` kept weights in every group of ``m`` consecutive input columns; its rate
+    is derived (``1 - n/m``) so that reports treat both kinds alike. Build targets with
+    :meth:`unstructured` or :meth:`nm_pattern`; direct construction is validated too.
+    """
+
+    rate: float
+    nm: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        rate = self.rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+            raise LosaZeroError(f"sparsity rate must be a number in [0, 1), got {rate!r}")
+        if not 0.0 <= rate < 1.0:
+            raise LosaZeroError(
+                f"sparsity rate must be in [0, 1) (fraction pruned), got {rate}: pass e.g. 0.5 for 50%")
+        if self.nm is not None:
+            try:
+                n, m = self.nm
+            except (TypeError, ValueError):
+                raise LosaZeroError(f"N:M pattern must be a pair (n_keep, m), got {self.nm!r}") from None
+            if not (_is_int(n) and _is_int(m)) or m < 1 or not 1 <= n <= m:
+                raise LosaZeroError(f"N:M pattern {n}:{m} is invalid: need integers 1 <= n <= m (e.g. 2:4)")
+            derived = 1.0 - n / m
+            if abs(rate - derived) > 1e-9:
+                raise LosaZeroError(
+                    f"N:M {n}:{m} prunes {derived:g} of the weights, not {rate:g}: use SparsityTarget.nm_pattern({n}, {m})")
+            object.__setattr__(self, "nm", (n, m))
+            rate = derived
+        object.__setattr__(self, "rate", float(rate))
+
+    @classmethod
+    def unstructured(cls, rate: float) -> "SparsityTarget":
+        """Prune the fraction ``rate`` of the linear's weights, anywhere."""
+        return cls(rate)
+
+    @classmethod
+    def nm_pattern(cls, n: int, m: int) -> "SparsityTarget":
+        """Keep at most ``n`` weights in every ``m`` consecutive input columns (2:4 = 50%)."""
+        if not (_is_int(n) and _is_int(m)) or m < 1 or not 1 <= n <= m:
+            raise LosaZeroError(f"N:M pattern {n}:{m} is invalid: need integers 1 <= n <= m (e.g. 2:4)")
+        return cls(1.0 - n / m, (n, m))
+
+    @property
+    def is_nm(self) -> bool:
+        return self.nm is not None
+
+    def describe(self) -> str:
+        """Short label for logs and reports: ``"2:4"`` or ``"70.00%"``."""
+        if self.nm is not None:
+            return f"{self.nm[0]}:{self.nm[1]}"
+        return f"{100 * self.rate:.2f}%"
+
+
+class LinearStats(ABC):
+    """Statistics of one linear's input activations, kept as sums so ranks can all-reduce them.
+
+    ``device=None`` lets the buffers follow the data: they start (zero) on the CPU and move
+    to the device of the first batch. Pass the compute device explicitly when every rank
+    must hold its buffers on the communication device even if it sees no batch at all.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        if not _is_int(in_features) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        self.in_features = in_features
+        self._follow_data = device is None
+        self._device = torch.device("cpu") if device is None else torch.device(device)
+        self._count = torch.zeros(1, dtype=torch.int64, device=self._device)
+
+    @abstractmethod
+    def add_batch(self, x: Tensor) -> None:
+        """Accumulate a batch of inputs ``x`` of shape ``[..., in_features]`` (any dtype)."""
+
+    @abstractmethod
+    def tensors(self) -> list[Tensor]:
+        """The sum tensors, in a fixed order, token count last. They are the live buffers:
+        the caller all-reduces (sums) them in place."""
+
+    @abstractmethod
+    def _buffers(self) -> list[str]:
+        """Attribute names of the sum buffers (for :meth:`to`)."""
+
+    @property
+    def count(self) -> int:
+        """Number of tokens accumulated (after the all-reduce: over all ranks)."""
+        return int(self._count.item())
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: torch.device | str) -> "LinearStats":
+        """Move the buffers (in place) to ``device`` and pin them there."""
+        device = torch.device(device)
+        for attr in self._buffers() + ["_count"]:
+            setattr(self, attr, getattr(self, attr).to(device))
+        self._device = device
+        self._follow_data = False
+        return self
+
+    def _tokens(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x`` as a ``[tokens, in_features]`` matrix of ``dtype`` on the buffers' device,
+        moving the (still empty) buffers to the data on the first batch if asked to."""
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected inputs of shape [..., {self.in_features}], got {shape}")
+        if self._follow_data:
+            if x.device != self._device:
+                self.to(x.device)
+            self._follow_data = False
+        return x.detach().reshape(-1, self.in_features).to(device=self._device, dtype=dtype)
+
+    def _check_has_tokens(self, algorithm: str) -> None:
+        if self.count <= 0:
+            raise LosaZeroError(
+                f"{algorithm}: no calibration tokens reached this linear (token count 0): "
+                "give it calibration data (and all-reduce its statistics before pruning)")
+
+
+class Pruner(ABC):
+    """One pruning algorithm (llm-compressor "modifier" style).
+
+    Subclasses implement :meth:`_prune`; :meth:`prune` validates inputs once for all of them.
+    ``rounding`` chooses how a rate becomes a count of pruned weights (method doc §5.3):
+    ``"nearest"`` (default) prunes exactly ``round(rate * numel)`` weights per linear, so the
+    realised sparsity is as close as possible to the rate; ``"floor"`` reproduces the
+    released code's ``int(in_features * rate)`` per row (it under-prunes narrow layers).
+    """
+
+    name: ClassVar[str] = ""
+    #: constructor options accepted by :func:`losa_zero.pruners.get_pruner`
+    options: ClassVar[tuple[str, ...]] = ("rounding",)
+
+    def __init__(self, *, rounding: str = "nearest") -> None:
+        if rounding not in ROUNDING_MODES:
+            raise LosaZeroError(f"{self.name}: unknown rounding {rounding!r}: use 'nearest' or 'floor'")
+        self.rounding = rounding
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
+        return f"{type(self).__name__}({opts})"
+
+    def new_stats(self, in_features: int, device: torch.device | str | None = None) -> LinearStats | None:
+        """Fresh statistics for one linear with ``in_features`` inputs (None: none needed)."""
+        return None
+
+    def prune(
+        self,
+        weight: Tensor,
+        stats: LinearStats | None,
+        target: SparsityTarget,
+        prev_keep: Tensor | None = None,
+        *,
+        name: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Prune ``weight`` ([out, in]) to ``target``.
+
+        Returns ``(new_weight, keep)``: a new tensor (same dtype and device as ``weight``)
+        with pruned entries exactly 0 (SparseGPT also updates the survivors), and the bool
+        keep mask. ``prev_keep`` marks weights that survived earlier pruning: everything
+        outside it is pruned again and counts toward the target ("pruned weights never come
+        back", method doc §5.3); where a row/group already has more pruned than the target
+        asks, all stay pruned. ``name`` only improves error messages.
+        """
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            got = (f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, Tensor)
+                   else type(weight).__name__)
+            raise ValueError(f"{self.name}: weight must be a 2-D floating tensor [out, in], got {got}")
+        if weight.numel() == 0:
+            raise ValueError(f"{self.name}: weight {name or ''} is empty")
+        if not isinstance(target, SparsityTarget):
+            raise TypeError(f"{self.name}: target must be a SparsityTarget, got {type(target).__name__}")
+        rows, cols = weight.shape
+        if prev_keep is not None:
+            is_tensor = isinstance(prev_keep, Tensor)
+            if not is_tensor or prev_keep.dtype != torch.bool or tuple(prev_keep.shape) != (rows, cols):
+                got = f"{prev_keep.dtype} {tuple(prev_keep.shape)}" if is_tensor else type(prev_keep).__name__
+                raise ValueError(f"{self.name}: prev_keep must be a bool tensor of shape {(rows, cols)}, got {got}")
+            prev_keep = prev_keep.to(weight.device)
+            if bool(prev_keep.all()):
+                prev_keep = None
+        if target.nm is not None:
+            from .masks import check_nm_width
+
+            check_nm_width(cols, target.nm[0], target.nm[1], name)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{self.name}: weight {name or ''} contains NaN or Inf; cannot prune it")
+        if target.rate == 0.0 and prev_keep is None:
+            # Nothing to prune: identity (SparseGPT would otherwise still touch dead columns).
+            return weight.detach().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+        w32 = weight.detach().to(torch.float32)
+        new_weight, keep = self._prune(w32, stats, target, prev_keep)
+        return new_weight.to(weight.dtype), keep
+
+    @abstractmethod
+    def _prune(self, weight: Tensor, stats: LinearStats | None, target: SparsityTarget,
+               prev_keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Algorithm body: ``weight`` is float32 (never modify it in place), inputs validated,
+        ``prev_keep`` is None when nothing was pruned before."""
+
+    def _check_stats(self, stats, cls: type, in_features: int) -> None:
+        if not isinstance(stats, cls):
+            raise TypeError(f"{self.name}: expected {cls.__name__} from new_stats(), got {type(stats).__name__}")
+        if stats.in_features != in_features:
+            raise ValueError(
+                f"{self.name}: statistics are for {stats.in_features} inputs but the weight has {in_features}")
+        stats._check_has_tokens(self.name)

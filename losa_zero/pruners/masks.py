@@ -1,0 +1,141 @@
+"""Mask selection shared by the pruners: turn scores into keep masks with exact counts.
+
+Why a module of its own: every algorithm differs only in its score; how many weights are
+pruned, in which comparison group, how ties break and how earlier pruning is respected must
+be identical everywhere, and deterministic so that every rank computes the same mask.
+
+Conventions: ``score`` is "importance", higher = keep; the lowest scores are pruned. Ties
+break by index (stable ascending sort: among equal scores the lower index is pruned first).
+Entries outside ``prev_keep`` get score -inf, so they are always the first pruned and count
+toward the target (method doc §5.3, "pruned weights never come back"); any of them beyond
+the target stay pruned too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import LosaZeroError
+from .base import ROUNDING_MODES, SparsityTarget
+
+# Sort at most this many scores at once: bounds the int64 index buffers on 70B-wide linears.
+_CHUNK_ELEMS = 1 << 24
+
+
+def count_to_prune(rate: float, numel: int) -> int:
+    """round(rate * numel), halves rounded up; the nearest count to the rate (§5.3).
+
+    A tolerance far above float64 noise but far below 0.5 keeps exact halves (like
+    0.3 * 5) from flipping because ``rate`` is not exactly representable.
+    """
+    k = math.floor(rate * numel + 0.5 + 1e-12 * numel)
+    return min(max(k, 0), numel)
+
+
+def check_nm_width(in_features: int, n: int, m: int, name: str | None = None) -> None:
+    """Raise a user error when N:M groups cannot tile the input width."""
+    if in_features % m:
+        fits = "use 2:4 or unstructured" if in_features % 4 == 0 and m != 4 else "use unstructured"
+        raise LosaZeroError(
+            f"N:M {n}:{m} needs input width divisible by {m}; {name or 'this linear'} has {in_features} inputs: {fits}")
+
+
+def _masked_score(score: Tensor, prev_keep: Tensor | None) -> Tensor:
+    if prev_keep is None:
+        return score
+    return score.masked_fill(~prev_keep, float("-inf"))
+
+
+def _row_chunk(rows: int, width: int) -> int:
+    return max(1, min(rows, _CHUNK_ELEMS // max(1, width)))
+
+
+def rowwise_keep(score: Tensor, rate: float, prev_keep: Tensor | None = None, rounding: str = "nearest") -> Tensor:
+    """Keep mask pruning the lowest scores of every row (Wanda's per-output comparison group).
+
+    ``nearest``: exactly ``round(rate * numel)`` pruned in total, each row floor or ceil of
+    the per-row share; the rows that take one more are those whose next candidate (the
+    (q+1)-th lowest score) is smallest, i.e. the cheapest extra prunes, ties by row index.
+    ``floor``: ``int(in_features * rate)`` per row, as the released code.
+    Rows that already lost more (prev_keep) than their share keep all those pruned.
+    """
+    if rounding not in ROUNDING_MODES:
+        raise LosaZeroError(f"unknown rounding {rounding!r}: use 'nearest' or 'floor'")
+    rows, cols = score.shape
+    s = _masked_score(score, prev_keep)
+    chunk = _row_chunk(rows, cols)
+    if rounding == "floor":
+        per_row = torch.full((rows,), int(cols * rate), dtype=torch.int64, device=score.device)
+    else:
+        q, rem = divmod(count_to_prune(rate, rows * cols), rows)
+        per_row = torch.full((rows,), q, dtype=torch.int64, device=score.device)
+        if rem:
+            # q < cols here, since the total is < numel whenever rem > 0.
+            nxt = torch.cat([torch.kthvalue(s[a:a + chunk], q + 1, dim=1).values for a in range(0, rows, chunk)])
+            order = torch.sort(nxt, stable=True).indices
+            per_row[order[:rem]] += 1
+    ranks = torch.arange(cols, device=score.device)
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=score.device)
+    for a in range(0, rows, chunk):
+        idx = torch.sort(s[a:a + chunk], dim=1, stable=True).indices
+        keep_sorted = ranks[None, :] >= per_row[a:a + chunk, None]
+        keep[a:a + chunk].scatter_(1, idx, keep_sorted)
+    if prev_keep is not None:
+        keep &= prev_keep
+    return keep
+
+
+def nm_keep(score: Tensor, n: int, m: int, prev_keep: Tensor | None = None) -> Tensor:
+    """Keep mask with the ``n`` highest scores of every group of ``m`` consecutive columns
+    kept (exactly ``n`` per group; fewer where prev_keep already pruned more)."""
+    rows, cols = score.shape
+    check_nm_width(cols, n, m)
+    s = _masked_score(score, prev_keep).reshape(rows, cols // m, m)
+    keep_sorted = (torch.arange(m, device=score.device) >= m - n).expand(cols // m, m)
+    keep = torch.empty(rows, cols // m, m, dtype=torch.bool, device=score.device)
+    chunk = _row_chunk(rows, cols)
+    for a in range(0, rows, chunk):
+        idx = torch.sort(s[a:a + chunk], dim=2, stable=True).indices
+        keep[a:a + chunk].scatter_(2, idx, keep_sorted.expand(idx.shape[0], -1, -1))
+    keep = keep.reshape(rows, cols)
+    if prev_keep is not None:
+        keep &= prev_keep
+    return keep
+
+
+def lowest_k_keep(score: Tensor, k: int, prev_keep: Tensor | None = None) -> Tensor:
+    """Keep mask pruning the ``k`` lowest scores jointly over the whole tensor (ties by
+    row-major index), plus everything outside ``prev_keep``."""
+    flat = _masked_score(score, prev_keep).reshape(-1)
+    k = min(max(int(k), 0), flat.numel())
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        idx = torch.sort(flat, stable=True).indices[:k]
+        keep[idx] = False
+    keep = keep.reshape(score.shape)
+    if prev_keep is not None:
+        keep &= prev_keep
+    return keep
+
+
+def select_keep(score: Tensor, target: SparsityTarget, prev_keep: Tensor | None = None,
+                rounding: str = "nearest") -> Tensor:
+    """Keep mask for ``target``: N:M groups, or per-row comparison for unstructured rates."""
+    if target.nm is not None:
+        return nm_keep(score, target.nm[0], target.nm[1], prev_keep)
+    return rowwise_keep(score, target.rate, prev_keep, rounding)
+
+
+def realised_sparsity(keep: Tensor) -> float:
+    """Fraction of weights pruned by a keep mask (the value reports should show)."""
+    return 1.0 - keep.sum().item() / keep.numel()
+
+
+def satisfies_nm(keep: Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive columns keeps at most ``n`` weights."""
+    rows, cols = keep.shape
+    if cols % m:
+        return False
+    return bool((keep.reshape(rows, cols // m, m).sum(-1) <= n).all())

@@ -1,0 +1,180 @@
+"""SparseGPT: prune with optimal-brain-surgeon (OBS) weight updates (Frantar & Alistarh 2023).
+
+Method doc §5.3: LoSA can prune each step with SparseGPT (blocks of 128 columns, 1%
+dampening) instead of Wanda; it also updates the surviving weights so that the layer's
+output on the calibration set changes as little as possible.
+
+Why it works, in short: the layer-wise loss ||W X - Ŵ X||^2 has Hessian H = 2 X X^T / N
+(the same for every output row). Visiting input columns left to right, pruning or keeping
+column i of every row and spreading the error (w - q) / [H^-1]_ii over the not yet visited
+columns along row i of the inverse is exact OBS when the inverse Hessian is restricted to
+the remaining columns; the upper Cholesky factor U of H^-1 (H^-1 = U^T U) holds exactly
+those restricted rows, so one factorisation serves all columns. Updates inside a block of
+columns are applied eagerly, to the columns after the block lazily in one matrix product.
+
+Statistics are H_sum = sum_tokens x x^T and the token count: sums, so ranks all-reduce them.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from ..errors import LosaZeroError
+from .base import LinearStats, Pruner, SparsityTarget
+from .masks import count_to_prune, lowest_k_keep, nm_keep
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _parse_dtype(value) -> torch.dtype:
+    if value in (torch.float32, torch.float64):
+        return value
+    if isinstance(value, str) and value.replace("torch.", "") in _DTYPES:
+        return _DTYPES[value.replace("torch.", "")]
+    raise LosaZeroError(f"sparsegpt: hessian_dtype must be 'float32' or 'float64', got {value!r}")
+
+
+class HessianStats(LinearStats):
+    """H_sum = sum over tokens of x x^T ([in, in], float32 or float64) and the token count."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, device)
+        self.h_sum = torch.zeros(in_features, in_features, dtype=_parse_dtype(dtype), device=self._device)
+
+    def _buffers(self) -> list[str]:
+        return ["h_sum"]
+
+    def add_batch(self, x: Tensor) -> None:
+        t = self._tokens(x, self.h_sum.dtype)
+        self.h_sum.addmm_(t.t(), t)
+        self._count += t.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [self.h_sum, self._count]
+
+    def hessian(self) -> Tensor:
+        """H = 2 H_sum / count, the Hessian of the mean squared layer-output error."""
+        self._check_has_tokens("sparsegpt")
+        return self.h_sum * (2.0 / self.count)
+
+
+def inverse_hessian_cholesky(h: Tensor, percdamp: float, retries: int = 3) -> Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1, damp = percdamp * mean(diag H).
+
+    When a factorisation fails (H numerically singular, e.g. few tokens or collinear
+    inputs) the dampening grows tenfold, up to ``retries`` times, before giving up.
+    """
+    if not torch.isfinite(h).all():
+        raise RuntimeError("sparsegpt: the Hessian contains NaN/Inf: the calibration activations overflowed; "
+                           "check the model's inputs or accumulate with hessian_dtype='float64'")
+    mean_diag = h.diagonal().mean()
+    frac = percdamp
+    for attempt in range(retries + 1):
+        hd = h.clone()
+        hd.diagonal().add_(frac * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(u).all():
+                if attempt:
+                    log.warning("sparsegpt: Hessian needed dampening %.3g x mean diagonal (asked %.3g)", frac, percdamp)
+                return u
+        frac = frac * 10 if frac > 0 else 0.01
+    raise RuntimeError(
+        f"sparsegpt: Cholesky of the dampened Hessian failed even with dampening {frac / 10:.3g} x mean diagonal "
+        f"(asked {percdamp:g}): the calibration inputs of this linear are degenerate; use more calibration tokens, "
+        "hessian_dtype='float64' or a larger percdamp")
+
+
+class SparseGPTPruner(Pruner):
+    """OBS pruning with weight updates, column block by column block.
+
+    Options: ``blocksize`` (128) columns per lazy-update block; ``percdamp`` (0.01) relative
+    dampening; ``hessian_dtype`` ("float32"; "float64" accumulates and factorises H in
+    double, weight updates stay float32); ``rounding`` as for every pruner.
+    """
+
+    name = "sparsegpt"
+    options = ("rounding", "blocksize", "percdamp", "hessian_dtype")
+
+    def __init__(self, *, rounding: str = "nearest", blocksize: int = 128, percdamp: float = 0.01,
+                 hessian_dtype="float32") -> None:
+        super().__init__(rounding=rounding)
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+            raise LosaZeroError(f"sparsegpt: blocksize must be a positive integer, got {blocksize!r}")
+        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
+            raise LosaZeroError(f"sparsegpt: percdamp must be a number >= 0 (default 0.01), got {percdamp!r}")
+        self.blocksize = blocksize
+        self.percdamp = float(percdamp)
+        self.hessian_dtype = _parse_dtype(hessian_dtype)
+
+    def new_stats(self, in_features: int, device: torch.device | str | None = None) -> HessianStats:
+        return HessianStats(in_features, device, self.hessian_dtype)
+
+    def _prune(self, weight: Tensor, stats, target: SparsityTarget, prev_keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        self._check_stats(stats, HessianStats, weight.shape[1])
+        rows, cols = weight.shape
+        w = weight.clone()
+        h = stats.hessian().to(weight.device)
+        # Dead inputs (always 0 on the calibration set): their weights cannot affect the
+        # output there, so zero them and make H invertible with a unit diagonal.
+        dead = torch.nonzero(h.diagonal() == 0).squeeze(1)
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        u = inverse_hessian_cholesky(h, self.percdamp).to(torch.float32)
+        del h
+
+        nm = target.nm
+        bs = self.blocksize
+        if nm is not None:
+            # N:M groups must not straddle blocks: round the block down to a multiple of m.
+            bs = max(nm[1], bs - bs % nm[1])
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+        pruned_so_far = 0
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            width = i2 - i1
+            w1 = w[:, i1:i2].clone()
+            q1 = torch.zeros_like(w1)
+            err1 = torch.zeros_like(w1)
+            u1 = u[i1:i2, i1:i2]
+            d = u1.diagonal()
+            prev1 = None if prev_keep is None else prev_keep[:, i1:i2]
+            if nm is None:
+                # Unstructured: select jointly over the block by OBS saliency w^2 / [H^-1]_ii^2.
+                if self.rounding == "floor":
+                    k = int(rows * width * target.rate)
+                else:
+                    # Cumulative nearest counts: blocks sum to exactly round(rate * numel),
+                    # and a block that already lost more (prev_keep) lets later blocks prune
+                    # less, so the layer stays as close to its rate as possible (§5.3).
+                    k = count_to_prune(target.rate, rows * i2) - pruned_so_far
+                keep1 = lowest_k_keep(w1.square() / d.square()[None, :], k, prev1)
+                pruned_so_far += int((~keep1).sum())
+            else:
+                keep1 = torch.ones_like(w1, dtype=torch.bool)
+            for i in range(width):
+                if nm is not None and i % nm[1] == 0:
+                    # N:M: choose each group on the weights as updated so far (by the columns
+                    # before it), which is what makes SparseGPT's N:M masks adaptive.
+                    g = slice(i, i + nm[1])
+                    sal = w1[:, g].square() / d[g].square()[None, :]
+                    keep1[:, g] = nm_keep(sal, nm[0], nm[1], None if prev1 is None else prev1[:, g])
+                col = w1[:, i]
+                q = col.masked_fill(~keep1[:, i], 0.0)
+                q1[:, i] = q
+                e = (col - q) / d[i]
+                w1[:, i:].sub_(e[:, None] * u1[i, i:][None, :])
+                err1[:, i] = e
+            w[:, i1:i2] = q1
+            keep[:, i1:i2] = keep1
+            if i2 < cols:
+                w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
+        w.masked_fill_(~keep, 0.0)  # exact zeros (they are already; guards -0.0/rounding)
+        return w, keep

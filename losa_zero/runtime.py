@@ -1,0 +1,101 @@
+"""The narrow interface between the algorithms and where the weights live.
+
+Every pruning, calibration and merging loop in losa-zero touches weights only through a
+:class:`Runtime`: gather one block, read a linear's full weight, write a new weight and
+keep-mask, all-reduce statistics, know which calibration samples this process holds. The
+single-process implementation here is trivial; the ZeRO-3 implementation gathers a block's
+shards, writes each rank's slice of the pruned weight into its own shard and keeps the
+mask partitioned the same way. The algorithms are the same code in both cases, which is
+what makes "same answer on 1 rank or many" testable.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .lora import SparseLoRALinear
+
+log = logging.getLogger("losa_zero")
+
+
+class Runtime:
+    """One process, weights fully materialised on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (no-ops on one process) ------------------------------------------------
+    def all_reduce_sum_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Sum ``tensors`` in place over all ranks."""
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def local_indices(self, n: int) -> list[int]:
+        """Which of the ``n`` calibration sequences this rank processes (all of them here)."""
+        return list(range(n))
+
+    def gram(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """The n x n Gram matrix X X^T (float64) of the calibration sequences' flattened
+        features (LoSA's CKA, method doc section 2). ``rows`` are this rank's sequences; on
+        one process that is all ``n`` of them. Accumulated over feature slices so no
+        float64 copy of the whole activation is made."""
+        k = torch.zeros(n, n, dtype=torch.float64)
+        for start in range(0, rows.shape[1], 1 << 20):
+            part = rows[:, start:start + (1 << 20)].to(torch.float64)
+            k += (part @ part.t()).cpu()
+        return k
+
+    # -- weights ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module) -> Iterator[None]:
+        """Make ``module``'s full parameters readable (and writable) inside the block."""
+        yield
+
+    def read_weight(self, linear: nn.Module) -> torch.Tensor:
+        """The full weight as a float32 copy (algorithms work in fp32 whatever the storage)."""
+        return linear.weight.detach().float().clone()
+
+    def write_linear(self, linear: nn.Module, weight: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Store a new full weight (cast to the storage dtype) and, for sparse-LoRA layers, its mask."""
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+        if keep is not None and isinstance(linear, SparseLoRALinear):
+            linear.set_keep_mask(keep)
+
+    def count_pruned(self, linear: nn.Module) -> tuple[int, int]:
+        """(pruned entries, total entries) of a linear: from its mask, else from zero weights."""
+        keep = linear.keep_mask() if isinstance(linear, SparseLoRALinear) else None
+        if keep is not None:
+            return int((~keep).sum()), keep.numel()
+        w = linear.weight
+        return int((w == 0).sum()), w.numel()
+
+    # -- user feedback ----------------------------------------------------------------------
+    def progress(self, iterable, **kwargs):
+        """A tqdm bar on rank 0 only. In a non-interactive log (CI, a SLURM output file) the
+        bar refreshes every 30 s instead of flooding the file."""
+        if not self.is_main:
+            return iterable
+        from tqdm.auto import tqdm
+
+        kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
+        kwargs.setdefault("leave", False)
+        return tqdm(iterable, **kwargs)
+
+    def info(self, msg: str) -> None:
+        if self.is_main:
+            log.info(msg)
+
