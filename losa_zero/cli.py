@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.workdir), data_dir=args.data, quick=args.quick, overwrite=args.overwrite)
+    run_demo(Path(args.workdir), data_dir=args.data, quick=args.quick)
     return 0
 
 
@@ -125,9 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="convert stories260K, run one-shot Wanda and LoSA at 70%%, print the table")
     p.add_argument("--data", default=None, help="fixture folder (default: $LOSA_ZERO_DATA)")
-    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its models and report")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its models and report (replaced on every run)")
     p.add_argument("--quick", action="store_true", help="fewer fine-tuning samples (a smoke test, not the result)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -85,13 +85,16 @@ class Runtime:
 
     # -- user feedback ----------------------------------------------------------------------
     def progress(self, iterable, **kwargs):
-        """A tqdm bar on rank 0 only. In a non-interactive log (CI, a SLURM output file) the
-        bar refreshes every 30 s instead of flooding the file."""
+        """A tqdm bar on rank 0 only. In a non-interactive log (CI, a SLURM output file) a
+        bar appears only for loops longer than 30 s and refreshes every 30 s, instead of
+        flooding the file; the per-step log lines carry the rest."""
         if not self.is_main:
             return iterable
         from tqdm.auto import tqdm
 
-        kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
+        if not sys.stderr.isatty():
+            kwargs.setdefault("mininterval", 30.0)
+            kwargs.setdefault("delay", 30.0)
         kwargs.setdefault("leave", False)
         return tqdm(iterable, **kwargs)
 

@@ -450,6 +450,9 @@ def evaluate_zeroshot(
     import lm_eval
 
     specs, names, need_registry = _task_specs(tasks, data_dir)
+    offline = contextlib.nullcontext() if need_registry else _offline()
+    with offline:
+        tm = _task_manager(names, need_registry)  # unknown names fail before any model work
     if isinstance(model, LM):
         lm = model
     else:
@@ -458,7 +461,6 @@ def evaluate_zeroshot(
         lm = LosaZeroLM(model, tokenizer, batch_size=batch_size, **lm_kwargs)
     offline = contextlib.nullcontext() if need_registry else _offline()
     with offline, _preserve_rng():
-        tm = _task_manager(names, need_registry)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=specs,

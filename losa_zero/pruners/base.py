@@ -46,8 +46,15 @@ class SparsityTarget:
 
     rate: float
     nm: tuple[int, int] | None = None
+    #: per-row pruned counts (BESA's row-wise allocation, see :meth:`per_row`); ``row_width``
+    #: is the linear's in_features they refer to.
+    row_counts: tuple[int, ...] | None = None
+    row_width: int | None = None
 
     def __post_init__(self) -> None:
+        if self.row_counts is not None or self.row_width is not None:
+            self._init_per_row()
+            return
         rate = self.rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
             raise LosaZeroError(f"sparsity rate must be a number in [0, 1), got {rate!r}")
@@ -69,6 +76,39 @@ class SparsityTarget:
             rate = derived
         object.__setattr__(self, "rate", float(rate))
 
+    def _init_per_row(self) -> None:
+        if self.nm is not None:
+            raise LosaZeroError("a per-row target cannot also be an N:M pattern")
+        width, counts = self.row_width, self.row_counts
+        if not _is_int(width) or width < 1 or counts is None:
+            raise LosaZeroError(f"per-row target needs row_counts and a positive row_width, got {width!r}")
+        counts = tuple(counts)
+        if not counts or not all(_is_int(c) and 0 <= c <= width for c in counts):
+            raise LosaZeroError(f"per-row pruned counts must be integers in [0, {width}]")
+        derived = sum(counts) / (len(counts) * width)
+        if isinstance(self.rate, (int, float)) and not isinstance(self.rate, bool) and abs(self.rate - derived) > 1e-9:
+            raise LosaZeroError(f"per-row counts prune {derived:g} of the weights, not {self.rate:g}: "
+                                "use SparsityTarget.per_row(counts, in_features)")
+        object.__setattr__(self, "row_counts", counts)
+        # The derived rate may be 1.0 here (a learned allocation may drop a whole linear).
+        object.__setattr__(self, "rate", float(derived))
+
+    @classmethod
+    def per_row(cls, counts, in_features: int) -> "SparsityTarget":
+        """Prune exactly ``counts[r]`` weights of row ``r`` (lowest scores of the row), e.g.
+        BESA's learned row-wise allocation. ``counts`` is a sequence of ints or an integer
+        tensor with one entry per output row."""
+        if isinstance(counts, Tensor):
+            counts = counts.detach().reshape(-1).cpu().tolist()
+        counts = tuple(int(c) for c in counts)
+        if not _is_int(in_features) or in_features < 1 or not counts:
+            raise LosaZeroError(f"per-row target needs counts and in_features >= 1, got {in_features!r}")
+        return cls(sum(counts) / (len(counts) * in_features), None, counts, in_features)
+
+    @property
+    def is_per_row(self) -> bool:
+        return self.row_counts is not None
+
     @classmethod
     def unstructured(cls, rate: float) -> "SparsityTarget":
         """Prune the fraction ``rate`` of the linear's weights, anywhere."""
@@ -89,6 +129,8 @@ class SparsityTarget:
         """Short label for logs and reports: ``"2:4"`` or ``"70.00%"``."""
         if self.nm is not None:
             return f"{self.nm[0]}:{self.nm[1]}"
+        if self.row_counts is not None:
+            return f"per-row {100 * self.rate:.2f}%"
         return f"{100 * self.rate:.2f}%"
 
 
@@ -220,6 +262,9 @@ class Pruner(ABC):
             prev_keep = prev_keep.to(weight.device)
             if bool(prev_keep.all()):
                 prev_keep = None
+        if target.row_counts is not None and (len(target.row_counts) != rows or target.row_width != cols):
+            raise ValueError(f"{self.name}: per-row target is for [{len(target.row_counts)}, {target.row_width}] "
+                             f"but weight {name or ''} is [{rows}, {cols}]")
         if target.nm is not None:
             from .masks import check_nm_width
 

@@ -120,11 +120,34 @@ def lowest_k_keep(score: Tensor, k: int, prev_keep: Tensor | None = None) -> Ten
     return keep
 
 
+def row_counts_keep(score: Tensor, counts: Tensor, prev_keep: Tensor | None = None) -> Tensor:
+    """Keep mask pruning the ``counts[r]`` lowest scores of every row ``r`` (ties by index);
+    entries outside ``prev_keep`` rank lowest, and a row that already lost more keeps them
+    all pruned. This is BESA's hard mask (besa-method.md, Procedure 5)."""
+    rows, cols = score.shape
+    counts = torch.as_tensor(counts, device=score.device).reshape(-1).to(torch.int64)
+    if counts.numel() != rows:
+        raise ValueError(f"row_counts_keep: {counts.numel()} counts for {rows} rows")
+    s = _masked_score(score, prev_keep)
+    chunk = _row_chunk(rows, cols)
+    ranks = torch.arange(cols, device=score.device)
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=score.device)
+    for a in range(0, rows, chunk):
+        idx = torch.sort(s[a:a + chunk], dim=1, stable=True).indices
+        keep[a:a + chunk].scatter_(1, idx, ranks[None, :] >= counts[a:a + chunk, None])
+    if prev_keep is not None:
+        keep &= prev_keep
+    return keep
+
+
 def select_keep(score: Tensor, target: SparsityTarget, prev_keep: Tensor | None = None,
                 rounding: str = "nearest") -> Tensor:
-    """Keep mask for ``target``: N:M groups, or per-row comparison for unstructured rates."""
+    """Keep mask for ``target``: N:M groups, per-row counts (BESA), or per-row comparison
+    for unstructured rates."""
     if target.nm is not None:
         return nm_keep(score, target.nm[0], target.nm[1], prev_keep)
+    if target.row_counts is not None:
+        return row_counts_keep(score, torch.tensor(target.row_counts, dtype=torch.int64), prev_keep)
     return rowwise_keep(score, target.rate, prev_keep, rounding)
 
 
