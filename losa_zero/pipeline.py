@@ -11,16 +11,18 @@ import torch
 from torch import nn
 
 from . import __version__
-from .allocation import band_delta, rmi_importance, solve_layer_rates
+from .allocation import band_delta, mixed_nm_allocation, rmi_importance, solve_layer_rates
+from .besa import BesaOptions, besa_allocate
 from .blockwise import capture_inputs, layer_input_grams, sequential_prune
 from .config import CommonConfig, LosaConfig, PruneConfig
-from .data import calibration_windows, finetune_examples, load_eval_text, pad_token_id, parse_source
+from .data import calibration_windows, finetune_examples, load_eval_text, parse_source
 from .errors import LosaZeroError
 from .evaluate import perplexity
 from .finetune import MetricsWriter
 from .losa import Losa
 from .modeling import TARGET_LINEARS, decoder_layers, layer_linears, load_model, save_model
 from .outputs import atomic_output_dir, peak_memory, write_json_atomic
+from .owl import owl_outlier_ratios, owl_rates
 from .pruners import SparsityTarget
 from .runtime import Runtime
 
@@ -169,25 +171,57 @@ def run_prune(cfg: PruneConfig, command: str = "losa-zero prune") -> dict:
             check_nm_fits(model, patterns)
         calib = run.calibration()
         pruner = cfg.make_pruner(cfg.method)
-        importance = redundancy = None
-        if patterns:
-            rates = [1 - n / m for n, m in patterns]
-        elif cfg.allocation == "rmi":
-            with run.timer.phase("importance"):
-                n = min(cfg.cka_nsamples, calib.shape[0])
-                acts = capture_inputs(model, calib[runtime.local_indices(n)], runtime, cfg.calib_batch_size)
-                grams = layer_input_grams(model, acts, runtime, cfg.calib_batch_size, n)
-                beta = cfg.beta if cfg.beta is not None else (100.0 if cfg.method == "sparsegpt" else 1.0)
-                importance, redundancy = rmi_importance(grams, beta)
-                importance = [float(x) for x in importance]
-                redundancy = [float(x) for x in redundancy]
+        importance = redundancy = besa = None
+
+        def all_inputs():
+            return capture_inputs(model, calib[runtime.local_indices(calib.shape[0])], runtime, cfg.calib_batch_size)
+
+        def rmi():
+            n = min(cfg.cka_nsamples, calib.shape[0])
+            acts = capture_inputs(model, calib[runtime.local_indices(n)], runtime, cfg.calib_batch_size)
+            grams = layer_input_grams(model, acts, runtime, cfg.calib_batch_size, n)
+            beta = cfg.beta if cfg.beta is not None else (100.0 if cfg.method == "sparsegpt" else 1.0)
+            imp, red = rmi_importance(grams, beta)
+            return [float(x) for x in imp], [float(x) for x in red]
+
+        def owl():  # outlier ratios of the dense model: more outliers = more important
+            return owl_outlier_ratios(model, all_inputs(), runtime, cfg.calib_batch_size, cfg.owl_m)
+
+        with run.timer.phase("importance"):
+            if patterns:
+                if cfg.allocation in ("rmi", "owl"):
+                    # Mixed N:M (LoSA method doc section 7): one N:M given, N per layer from the
+                    # allocation's importance, mean N exactly the given one.
+                    if cfg.allocation == "rmi":
+                        importance, redundancy = rmi()
+                    else:
+                        importance = owl()
+                    n, m = patterns[0]
+                    ns = mixed_nm_allocation(importance, n, m, n_min=min(n, max(1, n - cfg.nm_spread)),
+                                             n_max=max(n, min(m - 1, n + cfg.nm_spread)))
+                    patterns = [(k, m) for k in ns]
+                    check_nm_fits(model, patterns)
+                rates = [1 - n / m for n, m in patterns]
+            elif cfg.allocation == "rmi":
+                importance, redundancy = rmi()
                 rates = solve_layer_rates(importance, cfg.sparsity, band_delta(cfg.sparsity))
-        else:
-            rates = [cfg.sparsity] * n_layers
+            elif cfg.allocation == "owl":
+                importance = owl()
+                rates = owl_rates(importance, cfg.sparsity, cfg.owl_lambda)
+            elif cfg.allocation == "besa":
+                # BESA learns per-row (or per-linear) pruned counts on Wanda's ranking; the
+                # pruner realises them below (with Wanda: exactly BESA's masks).
+                besa = besa_allocate(model, all_inputs(), runtime, cfg.sparsity, BesaOptions.from_config(cfg),
+                                     cfg.calib_batch_size)
+                rates = besa.layer_rates
+            else:
+                rates = [cfg.sparsity] * n_layers
 
         def targets(l: int) -> dict[str, SparsityTarget]:
             if patterns:
                 return {name: SparsityTarget.nm_pattern(*patterns[l]) for name in TARGET_LINEARS}
+            if besa is not None:
+                return besa.targets[l]
             return {name: SparsityTarget.unstructured(rates[l]) for name in TARGET_LINEARS}
 
         with run.timer.phase("prune"):
@@ -195,7 +229,9 @@ def run_prune(cfg: PruneConfig, command: str = "losa-zero prune") -> dict:
             results = sequential_prune(model, acts, pruner, targets, runtime, cfg.calib_batch_size)
             del acts
         summary = {
-            "method": cfg.method, "pruner": cfg.method, "allocation": "nm" if patterns else cfg.allocation,
+            "method": cfg.method, "pruner": cfg.method,
+            "allocation": ("nm" if cfg.allocation == "uniform" else f"mixed-nm-{cfg.allocation}") if patterns
+            else cfg.allocation,
             "target_sparsity": (sum(rates) / len(rates)) if patterns else cfg.sparsity,
             "nm": cfg.nm,
             "per_layer": [{"layer": l, "rate": rates[l], "importance": None if importance is None else importance[l],
@@ -203,6 +239,11 @@ def run_prune(cfg: PruneConfig, command: str = "losa-zero prune") -> dict:
                            "sparsity": results[l].sparsity} for l in range(n_layers)],
             "steps": [],
         }
+        for l, row in enumerate(summary["per_layer"]):
+            if patterns:
+                row["nm"] = f"{patterns[l][0]}:{patterns[l][1]}"
+            if besa is not None:
+                row["besa"] = besa.blocks[l].record()
         summary = run.finish(out_dir, summary)
     _log_summary(summary)
     return summary
@@ -217,7 +258,10 @@ def run_losa(cfg: LosaConfig, command: str = "losa-zero losa") -> dict:
         with run.timer.phase("data"):
             examples = finetune_examples(run.tokenizer, cfg.train, cfg.max_length, limit=total_examples,
                                          seed=cfg.seed, train_on_inputs=cfg.train_on_inputs)
-        pad_id = pad_token_id(run.tokenizer)
+        # Padding is masked out of attention and loss, so its id only has to be a valid
+        # embedding row; a tokenizer's pad id need not be (Qwen2's lies past the vocabulary
+        # of small models), 0 always is.
+        pad_id = 0
         metrics = MetricsWriter(out_dir / "metrics.jsonl" if run.runtime.is_main else None)
         torch.manual_seed(cfg.seed)  # LoRA dropout masks
         algo = Losa(run.model, cfg, run.runtime, calib, examples, pad_id, metrics)
