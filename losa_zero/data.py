@@ -296,15 +296,3 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention[i, :k] = 1
         labels[i, :k] = torch.tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def pad_token_id(tokenizer) -> int:
-    """A usable pad id: the tokenizer's pad token, else EOS, else 0.
-
-    LLaMA tokenizers usually have no pad token; since :func:`collate` masks padding in
-    both attention and labels, any id is safe there.
-    """
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0

@@ -228,12 +228,6 @@ def test_collate_right_pads():
     assert all(v.dtype == torch.long for v in batch.values())
 
 
-def test_pad_token_id(tok):
-    assert data.pad_token_id(tok) in (tok.pad_token_id, tok.eos_token_id)
-
-
-# ----------------------------------------------------------------------------- outputs
-
 def test_atomic_output_dir_success_and_refusal(tmp_path):
     out = tmp_path / "run"
     with atomic_output_dir(out) as tmp:
