@@ -83,6 +83,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report([Path(d) for d in args.runs], Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -122,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="PNG plots and a Markdown report comparing run directories")
+    p.add_argument("runs", nargs="+", help="run directories (each with summary.json, optionally metrics.jsonl)")
+    p.add_argument("--out", default="report", help="report directory (default: ./report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="convert stories260K, run one-shot Wanda and LoSA at 70%%, print the table")
     p.add_argument("--data", default=None, help="fixture folder (default: $LOSA_ZERO_DATA)")

@@ -83,5 +83,9 @@ def run_demo(workdir: Path, data_dir: str | None = None, quick: bool = False) ->
     print(f"{'model':<22}{'perplexity':>12}{'sparsity':>10}{'seconds':>9}")
     for r in rows:
         print(f"{r['run']:<22}{r['ppl']:>12.3f}{r['sparsity']:>10.4f}{r['seconds']:>9.1f}")
+    from .report import write_report
+
+    report = write_report([workdir / "wanda70", workdir / "losa70"], workdir / "report")
     print(f"\noutputs in {workdir}/ (dense, wanda70, losa70: HF model directories with summary.json)")
+    print(f"report with plots: {report}")
     return rows

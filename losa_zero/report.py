@@ -197,23 +197,43 @@ def _plot_layer_metric(run: dict, key: str, ylabel: str, path: Path) -> Path | N
     return _save(fig, path)
 
 
-def _plot_train_loss(run: dict, path: Path) -> Path | None:
+def loss_series(metrics: list[dict]) -> tuple[dict[Any, list[tuple[float, float]]], bool]:
+    """Training loss per LoSA step against a run-wide optimizer step.
+
+    The trainer may count optimizer steps from 1 again in every LoSA step; plotted as is,
+    the steps' curves would lie on top of each other. A count that goes backwards is
+    therefore continued from where the previous records ended. Returns the series and
+    whether such a restart was found (the x axis is then cumulative).
+    """
     groups: dict[Any, list[tuple[float, float]]] = {}
-    for i, rec in enumerate(run["metrics"]):
+    offset, last_raw, last_x, restarted = 0.0, None, 0.0, False
+    for rec in metrics:
         loss = _num(rec.get("loss"))
         if loss is None:
             continue
-        step = _num(rec.get("opt_step"))
-        groups.setdefault(rec.get("losa_step"), []).append((step if step is not None else float(i), loss))
+        raw = _num(rec.get("opt_step"))
+        if raw is None:
+            raw = (last_raw or 0.0) + 1
+        if last_raw is not None and raw <= last_raw:
+            offset, restarted = last_x, True
+        x = raw + offset
+        last_raw, last_x = raw, x
+        groups.setdefault(rec.get("losa_step"), []).append((x, loss))
+    return groups, restarted
+
+
+def _plot_train_loss(run: dict, path: Path) -> Path | None:
+    groups, restarted = loss_series(run["metrics"])
     if not groups:
         return None
-    keys = sorted(groups, key=lambda k: (k is None, k if isinstance(k, (int, float)) else str(k)))
+    numeric = (int, float)
+    keys = sorted(groups, key=lambda k: (k is None, not isinstance(k, numeric), k if isinstance(k, numeric) else 0, str(k)))
     fig, ax = _figure()
     for key, color in zip(keys, _step_colors(len(keys))):
         pts = sorted(groups[key])
         label = "fine-tuning" if key is None else f"LoSA step {key}"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.2, marker="." if len(pts) < 60 else None, label=label)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer step" + (" (counted across LoSA steps)" if restarted else ""))
     ax.set_ylabel("training loss")
     ax.set_title(f"{run['name']}: training loss")
     ax.legend(fontsize=7, ncol=max(1, math.ceil(len(keys) / 12)))
@@ -413,10 +433,11 @@ def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) 
         steps = _steps_table(s)
         if steps:
             md += [""] + steps
+        across = " across LoSA steps" if _steps(s) else ""
         plots = [
-            ("per-layer sparsity across LoSA steps", _plot_layer_metric(run, "sparsity", "sparsity", out / f"{slug}_layer_sparsity.png")),
-            ("per-layer LoRA rank across LoSA steps", _plot_layer_metric(run, "rank", "LoRA rank", out / f"{slug}_layer_rank.png")),
-            ("per-layer importance across LoSA steps", _plot_layer_metric(run, "importance", "importance", out / f"{slug}_layer_importance.png")),
+            ("per-layer sparsity" + across, _plot_layer_metric(run, "sparsity", "sparsity", out / f"{slug}_layer_sparsity.png")),
+            ("per-layer LoRA rank" + across, _plot_layer_metric(run, "rank", "LoRA rank", out / f"{slug}_layer_rank.png")),
+            ("per-layer importance" + across, _plot_layer_metric(run, "importance", "importance", out / f"{slug}_layer_importance.png")),
             ("training loss", _plot_train_loss(run, out / f"{slug}_train_loss.png")),
             ("realised sparsity per linear layer", _plot_linear_sparsity(run, out / f"{slug}_linear_sparsity.png")),
         ]

@@ -6,7 +6,8 @@ Why this module exists instead of calling ``lm_eval --model hf``:
   ZeRO-3 across ranks. Saving them and letting lm-eval's ``HFLM`` reload them would cost
   disk and time, and would not work at all for a partitioned engine. :class:`LosaZeroLM`
   therefore wraps the live module and only ever calls ``model(input_ids=...,
-  attention_mask=...)`` and reads ``.logits``.
+  attention_mask=...)`` (plus ``use_cache=False`` where the forward accepts it) and
+  reads ``.logits``.
 * The machines that run the tests and the demo reach no dataset hub. The eight tasks of
   the LoSA paper are defined in ``losa_zero/tasks/*.yaml`` as lm-eval task configs that
   read JSONL files from a local folder (``$LOSA_ZERO_DATA/lm-eval-slices`` by default),
@@ -281,6 +282,7 @@ class LosaZeroLM(LM):
         from tqdm import tqdm
 
         items = []
+        truncated = 0
         for ctx, cont in pairs:
             ctx = ctx or [self.prefix_token_id]  # something to condition the first token on
             if len(cont) > self.max_length:
@@ -288,8 +290,12 @@ class LosaZeroLM(LM):
                     f"a continuation of {len(cont)} tokens exceeds the model's context of {self.max_length}: "
                     "pass a larger max_length or use shorter texts"
                 )
+            truncated += len(ctx) + len(cont) > self.max_length + 1
             inp = (ctx + cont)[-(self.max_length + 1):][:-1]
             items.append((inp, cont))
+        if truncated:
+            log.warning("%d of %d %s requests exceed the %d-token context; their contexts were cut from the left",
+                        truncated, len(items), desc, self.max_length)
         results: list[tuple[float, bool] | None] = [None] * len(items)
         # Requests with the same input share one row: the choices "yes"/"no" of a BoolQ
         # item, for instance, are one-token continuations of the same context.

@@ -181,3 +181,31 @@ def test_other_llama_layout_architectures(arch, stories_model_dir, tinystories_s
     reloaded = cls.from_pretrained(tmp_path / "l")
     if arch == "qwen2":
         assert reloaded.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_losa_tensorboard_events(losa_run):
+    """With tensorboard installed (a dev dependency), training metrics are mirrored there."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(losa_run["config"]["out"] + "/tensorboard")
+    acc.Reload()
+    losses = acc.Scalars("train/loss")
+    assert len(losses) == sum(s["opt_steps"] for s in losa_run["steps"])
+
+
+def test_report_on_real_runs(losa_run, wanda70, tmp_path):
+    """`losa-zero report` on two real runs writes non-empty PNGs and names both runs."""
+    from PIL import Image
+
+    from losa_zero.cli import main
+
+    assert main(["report", losa_run["config"]["out"], wanda70["config"]["out"], "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "losa70" in md and "w70" in md
+    pngs = list((tmp_path / "rep").glob("*.png"))
+    assert len(pngs) >= 4
+    for p in pngs:
+        img = Image.open(p).convert("L")
+        assert img.size == (900, 500)
+        assert img.getextrema()[0] < 200, f"{p.name} looks blank"

@@ -13,7 +13,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from losa_zero.errors import LosaZeroError
-from losa_zero.report import IMAGE_PIXELS, load_run, update_summary_with_zeroshot, write_report
+from losa_zero.report import IMAGE_PIXELS, load_run, loss_series, update_summary_with_zeroshot, write_report
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -146,3 +146,15 @@ def test_same_named_runs_do_not_clash(tmp_path):
     assert {p.name for p in out.glob("*linear_sparsity.png")} == {
         "wanda_uniform_linear_sparsity.png", "wanda_uniform-2_linear_sparsity.png"}
     assert "wanda_uniform-2" in md
+
+
+def test_loss_series_continues_restarted_step_counts():
+    """Trainers that count optimizer steps from 1 in every LoSA step still get one axis."""
+    metrics = [{"losa_step": k, "opt_step": i, "loss": 3.0 - 0.1 * k} for k in (1, 2) for i in (1, 2, 3)]
+    metrics.insert(2, {"losa_step": 1, "opt_step": 9, "lr": 1e-4})  # no loss: ignored
+    groups, restarted = loss_series(metrics)
+    assert restarted
+    assert [x for x, _ in groups[1]] == [1, 2, 3] and [x for x, _ in groups[2]] == [4, 5, 6]
+    groups, restarted = loss_series([{"losa_step": 1, "opt_step": i, "loss": 1.0} for i in (1, 2)]
+                                    + [{"losa_step": 2, "opt_step": i, "loss": 1.0} for i in (3, 4)])
+    assert not restarted and [x for x, _ in groups[2]] == [3, 4]
