@@ -287,3 +287,48 @@ class ReconstructionError:
         ok = self.dense_sq > 0
         ratio = torch.where(ok, self.diff_sq / torch.where(ok, self.dense_sq, 1.0), 0.0)
         return float(ratio.sum()) / self.channels
+
+
+# --- mixed N:M (method doc §7): per-layer N from an allocation's importance ---------------
+
+def mixed_nm_allocation(importance, n_mean: float, m: int, n_min: int = 1, n_max: int | None = None) -> list[int]:
+    """Per-layer N (weights kept in every M) with mean exactly ``n_mean``: more important
+    layers keep more weights (method doc §7, "mixed N per layer").
+
+    The integer counterpart of :func:`solve_layer_rates`: the exact optimum of
+    max sum N_l I_l s.t. sum N_l = L n_mean, n_min <= N_l <= n_max, N_l integer. Start every
+    layer at ``n_min`` and raise the most important layers (ties: lower index first) to
+    ``n_max`` until the budget is spent; at most one layer ends in between. The band
+    [n_min, n_max] sets how far layers may move (default 1 .. m-1). When every layer is
+    equally important (e.g. a uniform allocation) and ``n_mean`` is an integer, every layer
+    gets ``n_mean``: ties must not invent a mixture.
+    """
+    imp = _as_floats(importance, "importance")
+    if n_max is None:
+        n_max = m - 1
+    for name, v in (("m", m), ("n_min", n_min), ("n_max", n_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise LosaZeroError(f"mixed N:M: {name} must be an integer, got {v!r}")
+    if m < 2 or not 1 <= n_min <= n_max <= m:
+        raise LosaZeroError(f"mixed N:M: need 1 <= n_min <= n_max <= m with m >= 2 (got {n_min}, {n_max}, {m})")
+    n_mean = float(n_mean)
+    if not n_min <= n_mean <= n_max:
+        raise LosaZeroError(f"mixed N:M: mean N {n_mean:g} is outside [{n_min}, {n_max}]")
+    L = len(imp)
+    total = L * n_mean
+    if abs(total - round(total)) > 1e-9:
+        raise LosaZeroError(f"mixed N:M: a mean N of {n_mean:g} over {L} layers is not a whole number of kept "
+                            "weights per group: the mean sparsity could not be met exactly")
+    total = int(round(total))
+    if max(imp) - min(imp) <= 1e-12 * max(abs(max(imp)), abs(min(imp))) and total % L == 0:
+        return [total // L] * L
+    order = sorted(range(L), key=lambda i: (-imp[i], i))  # most important first
+    n = [n_min] * L
+    budget = total - L * n_min
+    for i in order:
+        add = min(n_max - n_min, budget)
+        n[i] += add
+        budget -= add
+        if budget == 0:
+            break
+    return n

@@ -56,16 +56,23 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, runtime: Runtime, 
 
     handle = first.register_forward_pre_hook(catcher, with_kwargs=True)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start:start + batch_size].to(runtime.device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
+        # Only the embeddings run before the first decoder layer: under ZeRO-3 they are the
+        # one module to gather here.
+        with runtime.gathered(model.get_input_embeddings()):
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(runtime.device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
     kwargs = {k: v for k, v in kwargs_box.items() if k not in ("use_cache", "past_key_values", "past_key_value", "cache")}
     kwargs["use_cache"] = False
+    if not captured:  # a rank with no calibration sequences (many ranks, few sequences)
+        emb = model.get_input_embeddings().weight
+        hidden = torch.empty(0, input_ids.shape[1], model.config.hidden_size, dtype=emb.dtype, device=runtime.device)
+        return Activations(hidden, kwargs)
     return Activations(torch.cat(captured, 0), kwargs)
 
 
@@ -90,7 +97,7 @@ def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: 
 def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, runtime: Runtime, batch_size: int) -> dict:
     """Per-linear statistics of the inputs of the block's target linears, summed over all ranks."""
     linears = layer_linears(block)
-    stats = {name: pruner.new_stats(lin.in_features, device=runtime.device) for name, lin in linears.items()}
+    stats = {name: runtime.new_stats(pruner, lin.in_features) for name, lin in linears.items()}
     if all(s is None for s in stats.values()):
         return stats
     handles = []
@@ -147,15 +154,16 @@ def sequential_prune(
                 before_block(l, block)
             stats = collect_input_stats(block, pruner, acts, runtime, batch_size)
             layer_targets = targets(l)
-            pruned = {}
-            for name, lin in layer_linears(block).items():
+            linears = layer_linears(block)
+
+            def compute(name, lin, l=l, stats=stats, layer_targets=layer_targets):
                 prev_keep = lin.keep_mask() if hasattr(lin, "keep_mask") else None
                 weight = runtime.read_weight(lin)
-                new_weight, keep = pruner.prune(weight, stats[name], layer_targets[name], prev_keep=prev_keep,
-                                                name=f"layer {l} {name}")
-                runtime.write_linear(lin, new_weight, keep)
-                del weight, new_weight
-                pruned[name] = runtime.count_pruned(lin)
+                return pruner.prune(weight, stats[name], layer_targets[name], prev_keep=prev_keep,
+                                    name=f"layer {l} {name}")
+
+            runtime.map_linears(list(linears.items()), compute)
+            pruned = {name: runtime.count_pruned(lin) for name, lin in linears.items()}
             del stats
             out = forward_block(block, acts, batch_size, runtime.device)
             if after_block is not None:
@@ -173,7 +181,7 @@ def layer_input_grams(model: nn.Module, acts: Activations, runtime: Runtime, bat
     grams = []
     layers = decoder_layers(model)
     for l in runtime.progress(range(len(layers)), desc="cka", unit="block"):
-        grams.append(runtime.gram(acts.hidden.reshape(acts.hidden.shape[0], -1), n))
+        grams.append(runtime.gram(acts.hidden.flatten(1), n))
         with runtime.gathered(layers[l]):
             acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
     return grams
@@ -188,5 +196,5 @@ def dense_layer_outputs(model: nn.Module, acts: Activations, runtime: Runtime, b
     for l in runtime.progress(range(len(layers)), desc="dense targets", unit="block"):
         with runtime.gathered(layers[l]):
             acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
-        outs.append(acts.hidden)
+        outs.append(runtime.keep_activation(l, acts.hidden))
     return outs

@@ -39,6 +39,18 @@ class CommonConfig:
     percdamp: float = opt(0.01, "SparseGPT dampening, fraction of the mean Hessian diagonal")
     cka_nsamples: int = opt(64, "calibration sequences used for the CKA importance (released: 64 for 7B)")
     beta: float | None = opt(None, "RMI importance temperature (default: 1 with Wanda, 100 with SparseGPT)")
+    besa_granularity: str = opt("row", "BESA: learn a rate per output row (published headline) or per linear",
+                                ("row", "layer"))
+    besa_sigmoid: str = opt("auto", "BESA: probabilities softmax(sigmoid(logits)) (released default; rates then stay "
+                            "within about [0.376, 0.624]) or softmax(logits); auto = on for targets in [0.4, 0.6] on "
+                            "blocks with no weight pruned yet (LoSA's later steps: off), off otherwise",
+                            ("auto", "on", "off"))
+    besa_lambda: float = opt(5.0, "BESA: weight of the sparsity penalty lambda ((s_block - S) / S)^2 (released: 5)")
+    besa_d_coef: float | None = opt(None, "BESA: Prodigy d_coef (default by parameter count as released: 5 up to "
+                                    "13B, 10 for 30B, 50 for 65B/70B)")
+    besa_epochs: int = opt(1, "BESA: epochs over the calibration sequences per block, batch 1 (released: 1)")
+    owl_m: float = opt(5.0, "OWL: a weight is an outlier when its Wanda score exceeds M times its layer's mean")
+    owl_lambda: float = opt(0.08, "OWL: layer rates stay within target +- lambda")
     ppl: list[str] = field(default_factory=list, metadata={"help": "texts to score after the run, comma-separated source specs"})
     eval_seqlen: int | None = opt(None, "perplexity window length (default: the model's context length)")
     overwrite: bool = opt(False, "replace an existing output directory")
@@ -65,6 +77,10 @@ class CommonConfig:
                 raise LosaZeroError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.seqlen is not None and self.seqlen < 2:
             raise LosaZeroError(f"--seqlen must be >= 2 (got {self.seqlen})")
+        if self.besa_lambda < 0 or self.besa_epochs < 1 or (self.besa_d_coef is not None and self.besa_d_coef <= 0):
+            raise LosaZeroError("--besa-lambda must be >= 0, --besa-epochs >= 1 and --besa-d-coef > 0")
+        if self.owl_m <= 0 or not 0 <= self.owl_lambda < 1:
+            raise LosaZeroError(f"--owl-m must be > 0 and --owl-lambda in [0, 1) (got {self.owl_m}, {self.owl_lambda})")
         if not 0 <= self.percdamp < 1:
             raise LosaZeroError(f"--percdamp must be in [0, 1) (got {self.percdamp})")
         if not Path(self.model).is_dir():
@@ -84,13 +100,22 @@ class PruneConfig(CommonConfig):
     method: str = opt("wanda", "one-shot pruning method", ("magnitude", "wanda", "sparsegpt"))
     sparsity: float | None = opt(None, "target fraction of pruned weights, in [0, 1)")
     nm: str | None = opt(None, "N:M pattern (N kept of every M), e.g. 2:4; or one N:M per layer, comma-separated")
-    allocation: str = opt("uniform", "layer-wise sparsity rates", ("uniform", "rmi"))
+    allocation: str = opt("uniform", "layer-wise sparsity rates: uniform, RMI (LoSA), OWL, or BESA's learned "
+                          "row/linear rates; with one --nm N:M, rmi or owl choose a mixed N per layer",
+                          ("uniform", "rmi", "owl", "besa"))
+    nm_spread: int = opt(1, "mixed N:M: each layer's N stays within the mean N +- this (and 1 .. M-1)")
 
     def validate(self) -> "PruneConfig":
         if self.nm is None:
             _check_sparsity(self.sparsity)
-        elif self.allocation != "uniform":
-            raise LosaZeroError("--allocation applies to unstructured sparsity; with --nm give one N:M per layer instead")
+        elif self.allocation == "besa":
+            raise LosaZeroError("--allocation besa learns unstructured rates: it does not apply to --nm "
+                                "(for a mixed N per layer use --allocation rmi or owl)")
+        elif self.allocation != "uniform" and "," in str(self.nm):
+            raise LosaZeroError("--nm lists one N:M per layer already: drop --allocation, or give one N:M "
+                                "and --allocation rmi|owl to choose a mixed N per layer")
+        if self.nm_spread < 0:
+            raise LosaZeroError(f"--nm-spread must be >= 0 (got {self.nm_spread})")
         return super().validate()
 
 
@@ -99,7 +124,8 @@ class LosaConfig(CommonConfig):
     sparsity: float | None = opt(None, "final target sparsity S, in [0, 1)")
     steps: int = opt(5, "LoSA steps T (released: 5)")
     pruner: str = opt("wanda", "pruner applied to the merged weights at each step", ("wanda", "sparsegpt"))
-    allocation: str = opt("rmi", "layer-wise sparsity rates per step", ("rmi", "uniform"))
+    allocation: str = opt("rmi", "layer-wise sparsity rates per step: RMI (LoSA), uniform, OWL, or BESA's learned "
+                          "row/linear rates (the step's pruner then prunes to them)", ("rmi", "uniform", "owl", "besa"))
     delta: float | None = opt(None, "rate band half-width (default: released 0.01/0.02/0.03 by step target)")
     train: str | None = opt(None, "fine-tuning data: [text|jsonl|alpaca:]PATH", required=True)
     samples_per_step: int = opt(1000, "fine-tuning samples for steps t < T (released: 1000)")

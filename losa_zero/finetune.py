@@ -51,16 +51,104 @@ def linear_warmup_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
 
 
 class MetricsWriter:
-    """JSON lines, one object per optimizer step (rank 0 only)."""
+    """JSON lines, one object per optimizer step (rank 0 only), mirrored to TensorBoard
+    (``tensorboard/`` beside the file) when the tensorboard package is installed."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: bool = True):
         self.path = path
+        self._tb = None
+        self._global_step = 0
+        if path is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(Path(path).parent / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._global_step += 1
+            for key in ("loss", "lr", "tokens_per_s"):
+                if record.get(key) is not None:
+                    self._tb.add_scalar(f"train/{key}", record[key], self._global_step)
+            self._tb.add_scalar("train/losa_step", record.get("losa_step", 0), self._global_step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def linear_warmup_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """The factor of :func:`linear_warmup_schedule` at optimizer step ``step`` (0-based): the
+    same numbers as HF's LambdaLR, as a pure function so a resumed run (or a DeepSpeed
+    engine) can set the learning rate of any step directly."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup)))
+
+
+def micro_seed(seed: int, losa_step: int, opt_step: int, micro: int) -> int:
+    """The RNG seed of one micro-batch's forward (LoRA dropout). Seeding every micro-batch
+    from its position, not from a running stream, makes dropout the same whatever the number
+    of ranks sharing the batch, and a resumed run needs no RNG state to continue exactly."""
+    return ((int(seed) * 1_000_003 + int(losa_step)) * 1_000_033 + int(opt_step)) * 1_009 + int(micro)
+
+
+class LocalTrainer:
+    """Adapter training on one process: a torch / bitsandbytes optimizer over ``lora_A`` /
+    ``lora_B``. :func:`train_adapters` drives any object with these methods; the ZeRO-3
+    trainer (``losa_zero.zero3.engine.ZeroTrainer``) implements them on a DeepSpeed engine,
+    so both run the same loop."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, model: nn.Module, optimizer_name: str, lr: float, weight_decay: float, max_grad_norm: float):
+        self.model = model
+        self.optimizer_name, self.lr, self.weight_decay = optimizer_name, lr, weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.params: list[nn.Parameter] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def begin(self, fresh: bool = True) -> None:
+        """Start a LoSA step's fine-tuning: a fresh optimizer (released code: a new trainer per step)."""
+        self.params = adapter_parameters(self.model)
+        if fresh or self.optimizer is None:
+            self.optimizer = make_optimizer(self.params, self.optimizer_name, self.lr, self.weight_decay)
+        self.model.train()
+
+    def local_micro_batches(self, n_micro: int) -> list[int | None]:
+        """Indices of the batch's micro-batches this process runs (None: a zero-weight filler)."""
+        return list(range(n_micro))
+
+    def forward(self, inputs: dict, num_items: int):
+        # num_items_in_batch: the loss is the sum over this micro-batch's tokens divided by the
+        # label tokens of the whole optimizer batch, so micro-batches (and ranks) add up to the
+        # token mean of the batch.
+        return self.model(**inputs, use_cache=False, num_items_in_batch=num_items)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        loss.backward()
+
+    def sum_across_ranks(self, value: float) -> float:
+        return value
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end(self) -> None:
+        self.optimizer = None
 
 
 def train_adapters(
@@ -78,57 +166,84 @@ def train_adapters(
     runtime: Runtime,
     metrics: MetricsWriter,
     losa_step: int,
+    trainer=None,
+    progress: dict | None = None,
+    on_opt_step=None,
+    seed: int = 0,
 ) -> dict:
-    """One LoSA step's fine-tuning pass over ``examples``; returns loss and throughput."""
-    params = adapter_parameters(model)
-    optimizer = make_optimizer(params, optimizer_name, lr, weight_decay)
+    """One LoSA step's fine-tuning pass over ``examples``; returns loss and throughput.
+
+    ``trainer`` (default: a :class:`LocalTrainer`) owns the optimizer and the backward pass.
+    ``progress`` is this step's resumable position (optimizer steps done, their losses and
+    tokens), updated in place; a run restored from a mid-step checkpoint passes it back and
+    continues at the next optimizer step. ``on_opt_step(progress)`` runs after every
+    optimizer step (periodic checkpoints).
+    """
+    if trainer is None:
+        trainer = LocalTrainer(model, optimizer_name, lr, weight_decay, max_grad_norm)
+    if progress is None:
+        progress = {}
+    progress.setdefault("opt_step", 0)
+    progress.setdefault("losses", [])
+    progress.setdefault("tokens", 0)
+    progress.setdefault("seconds", 0.0)
     total = math.ceil(len(examples) / batch_size)
-    schedule = linear_warmup_schedule(optimizer, total, warmup_ratio)
     was_training = model.training
-    model.train()
-    losses: list[float] = []
-    tokens_total = 0
-    start = time.perf_counter()
-    bar = runtime.progress(range(total), desc=f"finetune step {losa_step}", unit="opt-step")
+    trainer.begin(fresh=progress["opt_step"] == 0)
+    start = time.perf_counter() - progress["seconds"]
+    bar = runtime.progress(range(progress["opt_step"], total), desc=f"finetune step {losa_step}", unit="opt-step",
+                           initial=progress["opt_step"], total=total)
     for opt_step in bar:
         t0 = time.perf_counter()
         batch = examples[opt_step * batch_size:(opt_step + 1) * batch_size]
         n_micro = math.ceil(len(batch) / micro_batch_size)
+        label_tokens = sum(sum(1 for x in e.get("labels", e["input_ids"])[1:] if x != -100) for e in batch)
+        step_tokens = sum(len(e["input_ids"]) for e in batch)
         step_loss = 0.0
-        step_tokens = 0
-        for i in range(n_micro):
-            micro = collate(batch[i * micro_batch_size:(i + 1) * micro_batch_size], pad_id)
-            micro = {k: v.to(runtime.device) for k, v in micro.items()}
-            out = model(**micro, use_cache=False)
-            loss = out.loss / n_micro
-            if not torch.isfinite(loss):
+        mine = trainer.local_micro_batches(n_micro)
+        for j, i in enumerate(mine):
+            # A rank with no micro-batch left makes a zero-weight pass on two tokens: ZeRO-3
+            # forwards are collective, so every rank runs the same number of them.
+            filler = i is None
+            part = ([{"input_ids": batch[0]["input_ids"][:2], "labels": batch[0]["input_ids"][:2]}] if filler
+                    else batch[i * micro_batch_size:(i + 1) * micro_batch_size])
+            micro = {k: v.to(runtime.device) for k, v in collate(part, pad_id).items()}
+            torch.manual_seed(micro_seed(seed, losa_step, opt_step, -1 if filler else i))
+            loss = trainer.forward(micro, max(1, label_tokens)).loss
+            if filler:
+                loss = loss * 0.0
+            elif not torch.isfinite(loss):
                 raise LosaZeroError(
                     f"training loss is {loss.item()} at LoSA step {losa_step}, optimizer step {opt_step + 1}: "
                     "lower --lr or run in float32")
-            loss.backward()
-            step_loss += loss.item()
-            step_tokens += int(micro["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        tokens_total += step_tokens
+            trainer.backward(loss, boundary=j == len(mine) - 1)
+            if not filler:
+                step_loss += loss.item()
+        step_loss = trainer.sum_across_ranks(step_loss)
+        step_lr = lr * linear_warmup_factor(opt_step, total, warmup_ratio)
+        trainer.step(step_lr)
+        progress["losses"].append(step_loss)
+        progress["tokens"] += step_tokens
+        progress["opt_step"] = opt_step + 1
+        progress["seconds"] = time.perf_counter() - start
         dt = time.perf_counter() - t0
         metrics.write({"losa_step": losa_step, "opt_step": opt_step + 1, "loss": step_loss,
-                       "lr": schedule.get_last_lr()[0], "tokens_per_s": step_tokens / dt if dt > 0 else None})
+                       "lr": step_lr, "tokens_per_s": step_tokens / dt if dt > 0 else None})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+        if on_opt_step is not None:
+            on_opt_step(progress)
+    trainer.end()
     model.train(was_training)
     seconds = time.perf_counter() - start
+    losses = progress["losses"]
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
-    del optimizer
     return {
         "opt_steps": total,
         "examples": len(examples),
         "train_loss": sum(tail) / len(tail),  # mean over the last 10% of the step
         "first_loss": losses[0] if losses else None,
-        "tokens": tokens_total,
-        "tokens_per_s": tokens_total / seconds if seconds > 0 else None,
+        "tokens": progress["tokens"],
+        "tokens_per_s": progress["tokens"] / seconds if seconds > 0 else None,
         "seconds": seconds,
     }

@@ -35,14 +35,24 @@ class _MaskedLoRAProduct(torch.autograd.Function):
     """y = x @ ((B @ A) ⊙ M)^T, recomputing B @ A in backward instead of storing it."""
 
     @staticmethod
-    def forward(ctx, x, A, B, keep):
+    def forward(ctx, x, A, B, keep, keep_fn=None):
         delta = (B @ A) * keep
-        ctx.save_for_backward(x, A, B, keep)
+        # With a ``keep_fn`` (partitioned masks under ZeRO-3) the full mask is not kept alive
+        # until backward: it is rebuilt there, so no model-sized mask outlives its layer.
+        ctx.keep_fn = keep_fn
+        if keep_fn is None:
+            ctx.save_for_backward(x, A, B, keep)
+        else:
+            ctx.save_for_backward(x, A, B)
         return F.linear(x, delta.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, keep = ctx.saved_tensors
+        if ctx.keep_fn is None:
+            x, A, B, keep = ctx.saved_tensors
+        else:
+            x, A, B = ctx.saved_tensors
+            keep = ctx.keep_fn()
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             delta = ((B @ A) * keep).to(grad_out.dtype)
@@ -57,7 +67,7 @@ class _MaskedLoRAProduct(torch.autograd.Function):
                 grad_A = B.t() @ grad_delta
             if ctx.needs_input_grad[2]:
                 grad_B = grad_delta @ A.t()
-        return grad_x, grad_A, grad_B, None
+        return grad_x, grad_A, grad_B, None, None
 
 
 class SparseLoRALinear(nn.Module):
@@ -66,7 +76,14 @@ class SparseLoRALinear(nn.Module):
     ``rank`` selects how many of the ``max_rank`` components are active (0 disables the
     adapter: the layer is then exactly the base linear). ``scale`` is fixed at creation
     (released code: alpha 16 over the initial rank 8, so s = 2) and does not follow the rank.
+
+    ``mask_store`` (None: the mask is the attribute ``_keep``) lets a runtime keep the mask
+    elsewhere, e.g. bit-packed and partitioned across ZeRO-3 ranks; it provides
+    ``keep(layer)``, ``set(layer, keep)`` and ``keep_fn(layer)`` (a callable that rebuilds
+    the mask in backward, so the full mask is not kept alive between forward and backward).
     """
+
+    mask_store = None
 
     def __init__(
         self,
@@ -81,7 +98,8 @@ class SparseLoRALinear(nn.Module):
         super().__init__()
         if max_rank < 1:
             raise ValueError("max_rank must be >= 1")
-        out_features, in_features = weight.shape
+        # A ZeRO-3 partitioned weight has an empty .data; its logical shape is ds_shape.
+        out_features, in_features = getattr(weight, "ds_shape", weight.shape)
         self.in_features, self.out_features = in_features, out_features
         self.weight = weight
         self.bias = bias
@@ -107,6 +125,8 @@ class SparseLoRALinear(nn.Module):
     # -- mask -----------------------------------------------------------------------------
     def keep_mask(self) -> torch.Tensor | None:
         """The full-shape boolean keep mask M (None = dense, nothing pruned yet)."""
+        if self.mask_store is not None:
+            return self.mask_store.keep(self)
         return self._keep
 
     def set_keep_mask(self, keep: torch.Tensor | None) -> None:
@@ -114,6 +134,9 @@ class SparseLoRALinear(nn.Module):
             if keep.shape != (self.out_features, self.in_features):
                 raise ValueError(f"mask shape {tuple(keep.shape)} != weight shape {(self.out_features, self.in_features)}")
             keep = keep.to(device=self.lora_A.device, dtype=torch.bool)
+        if self.mask_store is not None:
+            self.mask_store.set(self, keep)
+            return
         self._keep = keep
 
     # -- rank -----------------------------------------------------------------------------
@@ -146,7 +169,8 @@ class SparseLoRALinear(nn.Module):
         if keep is None:
             lora = F.linear(F.linear(xd.to(A.dtype), A), B)
         else:
-            lora = _MaskedLoRAProduct.apply(xd.to(A.dtype), A, B, keep)
+            keep_fn = self.mask_store.keep_fn(self) if self.mask_store is not None else None
+            lora = _MaskedLoRAProduct.apply(xd.to(A.dtype), A, B, keep, keep_fn)
         return y + (self.scale * lora).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -71,6 +71,8 @@ def merge_and_unwrap(model: nn.Module, runtime: Runtime) -> None:
     for layer in decoder_layers(model):
         with runtime.gathered(layer):
             merge_block_adapters(layer, runtime)
+            if not runtime.unwrap_after_merge:
+                continue  # ZeRO-3: rank-0 adapted layers are plain linears already
             for name, lin in layer_linears(layer).items():
                 if isinstance(lin, SparseLoRALinear):
                     parent_name, child = name.rsplit(".", 1)
@@ -84,6 +86,9 @@ class LosaState:
     step: int = 0                                # last completed step
     data_position: int = 0                       # fine-tuning examples consumed
     history: list[dict] = field(default_factory=list)
+    # The step in progress once it is pruned (rates, errors, ranks...) and its fine-tuning
+    # position, so a checkpoint taken during fine-tuning resumes there; None between steps.
+    pending: dict | None = None
 
 
 class Losa:
@@ -104,6 +109,10 @@ class Losa:
         self.state = LosaState()
         self.dense_targets: list[torch.Tensor] | None = None
         self.seconds: dict[str, float] = {}
+        #: adapter trainer (None: a single-process LocalTrainer); the ZeRO-3 driver sets a DeepSpeed one
+        self.trainer = None
+        #: ``on_event(losa, kind)`` after "pruned", every "opt_step" and at "step_end" (checkpoints)
+        self.on_event = None
 
     # -- helpers ----------------------------------------------------------------------------
     def _local_ids(self, n: int | None = None) -> torch.Tensor:
@@ -129,12 +138,58 @@ class Losa:
         self.model.eval()
         self.dense_targets = dense_layer_outputs(self.model, self._capture(), self.runtime, self.cfg.calib_batch_size)
         t0 = self._tick("dense_targets", t0)
-        attach_sparse_lora(self.model, self.cfg.lora_max_rank, self.cfg.lora_scale, self.cfg.lora_dropout, self.cfg.seed)
+        self.attach_adapters()
+
+    def attach_adapters(self) -> None:
+        """Sparse-LoRA factors at the maximum rank on the 7 linears of every layer (created
+        once: rank changes are slices). Under ZeRO-3 they are partitioned as they are made."""
+        with self.runtime.adapter_init():
+            attach_sparse_lora(self.model, self.cfg.lora_max_rank, self.cfg.lora_scale, self.cfg.lora_dropout,
+                               self.cfg.seed)
+
+    def set_ranks(self, ranks: list[int]) -> None:
+        """Active LoRA rank of every layer (restoring a checkpoint)."""
+        for l, layer in enumerate(decoder_layers(self.model)):
+            for lin in layer_linears(layer).values():
+                if isinstance(lin, SparseLoRALinear):
+                    lin.set_rank(int(ranks[l]))
+
+    def _event(self, kind: str) -> None:
+        if self.on_event is not None:
+            self.on_event(self, kind)
+
+    #: per-linear targets that override the layer rates in :meth:`prune_step` (BESA's
+    #: learned per-row counts for the current step; None for the other allocations)
+    step_targets: list[dict[str, SparsityTarget]] | None = None
 
     def importance(self, theta: float, delta: float) -> tuple[list[float], list[float] | None, list[float] | None]:
-        """Layer rates for this step: RMI (sections 2-3) or uniform."""
-        if self.cfg.allocation == "uniform":
+        """Layer rates for this step at mean target Θ^t: RMI (sections 2-3, the default),
+        uniform, OWL (rates within Θ^t ± --owl-lambda from the outlier ratios, which are
+        returned as the importance), or BESA. All are computed on the current model, whose
+        effective weights are the merged ones.
+
+        BESA learns per-row (or per-linear) pruned counts at Θ^t on the merged weights, block
+        by block on its own masked chain, without writing any weight; :meth:`prune_step` then
+        has the step's pruner prune every linear to exactly those counts (with Wanda: BESA's
+        masks; with SparseGPT: BESA's counts, OBS's choice and update). The returned layer
+        rates are BESA's realised ones, for the record."""
+        self.step_targets = None
+        alloc = self.cfg.allocation
+        if alloc == "uniform":
             return [theta] * self.n_layers, None, None
+        if alloc == "owl":
+            from .owl import owl_outlier_ratios, owl_rates
+
+            ratios = owl_outlier_ratios(self.model, self._capture(), self.runtime, self.cfg.calib_batch_size,
+                                        self.cfg.owl_m)
+            return owl_rates(ratios, theta, self.cfg.owl_lambda), ratios, None
+        if alloc == "besa":
+            from .besa import BesaOptions, besa_allocate
+
+            besa = besa_allocate(self.model, self._capture(), self.runtime, theta, BesaOptions.from_config(self.cfg),
+                                 self.cfg.calib_batch_size)
+            self.step_targets = besa.targets
+            return besa.layer_rates, None, None
         n = min(self.cfg.cka_nsamples, self.calib_ids.shape[0])
         grams = layer_input_grams(self.model, self._capture(n), self.runtime, self.cfg.calib_batch_size, n)
         importance, redundancy = rmi_importance(grams, self.beta)
@@ -159,6 +214,8 @@ class Losa:
             errors[l] = acc.value()
 
         def targets(l: int) -> dict[str, SparsityTarget]:
+            if self.step_targets is not None:  # BESA: per-row counts learned by importance()
+                return self.step_targets[l]
             return {name: SparsityTarget.unstructured(rates[l]) for name in TARGET_LINEARS}
 
         results = sequential_prune(self.model, self._capture(), self.pruner, targets, self.runtime, bs,
@@ -176,42 +233,57 @@ class Losa:
                 unmerge_block_adapters(layer, self.runtime, ranks[l])
 
     def run_step(self) -> dict:
-        """One iteration t of Algorithm 1; returns its record for the summary."""
+        """One iteration t of Algorithm 1; returns its record for the summary. A step restored
+        from a checkpoint taken during its fine-tuning (``state.pending``) skips straight to
+        the fine-tuning position it had reached: its pruning is in the restored weights."""
         t = self.state.step + 1
         cfg = self.cfg
         theta = self.thetas[t - 1]
         delta = cfg.delta if cfg.delta is not None else band_delta(theta)
-        t0 = time.perf_counter()
-        step_seconds: dict[str, float] = {}
-        self.model.eval()
-        rates, importance, redundancy = self.importance(theta, delta)
-        now = time.perf_counter(); step_seconds["importance"] = now - t0; t0 = now
-        results, errors = self.prune_step(rates)
         mean_rank = self.mean_ranks[t - 1]
-        ranks = self.allocate(errors, mean_rank)
-        self.unmerge(ranks)
-        now = time.perf_counter(); step_seconds["prune"] = now - t0; t0 = now
+        if self.state.pending is None:
+            t0 = time.perf_counter()
+            step_seconds: dict[str, float] = {}
+            self.model.eval()
+            rates, importance, redundancy = self.importance(theta, delta)
+            now = time.perf_counter(); step_seconds["importance"] = now - t0; t0 = now
+            results, errors = self.prune_step(rates)
+            ranks = self.allocate(errors, mean_rank)
+            self.unmerge(ranks)
+            step_seconds["prune"] = time.perf_counter() - t0
+            self.state.pending = {
+                "step": t, "rates": list(rates), "importance": importance, "redundancy": redundancy,
+                "errors": list(errors), "ranks": list(ranks),
+                "pruned": [[sum(v[0] for v in r.pruned.values()), sum(v[1] for v in r.pruned.values())]
+                           for r in results],
+                "layer_sparsity": [r.sparsity for r in results], "seconds": step_seconds, "train": {},
+            }
+            self._event("pruned")
+        p = self.state.pending
+        rates, importance, redundancy, errors, ranks = (p["rates"], p["importance"], p["redundancy"], p["errors"],
+                                                        p["ranks"])
+        step_seconds = p["seconds"]
         k = self.steps_examples(t)
         examples = self.train_examples[self.state.data_position:self.state.data_position + k]
         train = train_adapters(
             self.model, examples, pad_id=self.pad_id, optimizer_name=cfg.optimizer, lr=cfg.lr,
             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, warmup_ratio=cfg.warmup_ratio,
             batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, runtime=self.runtime,
-            metrics=self.metrics, losa_step=t)
+            metrics=self.metrics, losa_step=t, trainer=self.trainer, progress=p["train"],
+            on_opt_step=lambda progress: self._event("opt_step"), seed=cfg.seed)
         self.model.eval()
-        step_seconds["finetune"] = time.perf_counter() - t0
+        step_seconds["finetune"] = train["seconds"]
         for key, value in step_seconds.items():
             self.seconds[key] = self.seconds.get(key, 0.0) + value
-        self.state.data_position += k
-        pruned = sum(sum(v[0] for v in r.pruned.values()) for r in results)
-        total = sum(sum(v[1] for v in r.pruned.values()) for r in results)
+        pruned = sum(c[0] for c in p["pruned"])
+        total = sum(c[1] for c in p["pruned"])
         record = {
             "step": t, "target": theta, "delta": delta, "mean_rank": mean_rank,
             "achieved_sparsity": pruned / total,
             "layers": [
                 {"layer": l, "rate": rates[l], "importance": None if importance is None else importance[l],
                  "redundancy": None if redundancy is None else redundancy[l], "error": errors[l],
-                 "rank": ranks[l], "sparsity": results[l].sparsity}
+                 "rank": ranks[l], "sparsity": p["layer_sparsity"][l]}
                 for l in range(self.n_layers)
             ],
             "train_loss": train["train_loss"], "first_loss": train["first_loss"], "opt_steps": train["opt_steps"],
@@ -219,10 +291,13 @@ class Losa:
         }
         self.state.history.append(record)
         self.state.step = t
+        self.state.data_position += k
+        self.state.pending = None
         self.runtime.info(
             f"LoSA step {t}/{cfg.steps}: target {theta:.4f} achieved {record['achieved_sparsity']:.4f} "
             f"mean rank {sum(ranks) / len(ranks):.2f} loss {train['first_loss']:.4f} -> {train['train_loss']:.4f} "
             f"({sum(step_seconds.values()):.1f}s)")
+        self._event("step_end")
         return record
 
     def run(self) -> list[dict]:

@@ -265,7 +265,10 @@ def run_losa(cfg: LosaConfig, command: str = "losa-zero losa") -> dict:
         metrics = MetricsWriter(out_dir / "metrics.jsonl" if run.runtime.is_main else None)
         torch.manual_seed(cfg.seed)  # LoRA dropout masks
         algo = Losa(run.model, cfg, run.runtime, calib, examples, pad_id, metrics)
-        history = algo.run()
+        try:
+            history = algo.run()
+        finally:
+            metrics.close()
         for key, value in algo.seconds.items():
             run.timer.add(key, value)
         summary = {

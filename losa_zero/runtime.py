@@ -58,7 +58,37 @@ class Runtime:
             k += (part @ part.t()).cpu()
         return k
 
+    # -- statistics and stored activations ---------------------------------------------------
+    def new_stats(self, pruner, in_features: int):
+        """Fresh input statistics of one linear for ``pruner`` (None when it needs none)."""
+        return pruner.new_stats(in_features, device=self.device)
+
+    def keep_activation(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Hold on to a tensor that lives across LoSA steps (the dense targets D_l). Here it
+        stays where it is; the ZeRO-3 runtime writes it to the checkpoint folder and returns
+        a memory-mapped view, so a resumed run finds it and host memory does not hold it."""
+        return hidden
+
     # -- weights ----------------------------------------------------------------------------
+    #: merge_and_unwrap puts plain nn.Linear modules back after the final merge. Under ZeRO-3
+    #: the adapted layers stay (at rank 0 they are exactly the base linear): replacing a
+    #: module would detach it from DeepSpeed's parameter hooks.
+    unwrap_after_merge: bool = True
+
+    def adapter_init(self):
+        """Context in which the sparse-LoRA factors are created (ZeRO-3: partitioned at birth)."""
+        return contextlib.nullcontext()
+
+    def map_linears(self, items, compute) -> None:
+        """Store ``compute(name, linear) -> (weight, keep)`` for every ``(name, linear)`` of a
+        gathered block with :meth:`write_linear`. The linears are independent (a block's
+        statistics are taken before any of them is pruned), so the ZeRO-3 runtime shares them
+        out: each rank computes its share, and the results are exchanged."""
+        for name, lin in items:
+            weight, keep = compute(name, lin)
+            self.write_linear(lin, weight, keep)
+            del weight, keep
+
     @contextlib.contextmanager
     def gathered(self, module: nn.Module) -> Iterator[None]:
         """Make ``module``'s full parameters readable (and writable) inside the block."""

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import LosaZeroError
 from .base import LinearStats, Pruner, SparsityTarget
-from .masks import count_to_prune, lowest_k_keep, nm_keep
+from .masks import count_to_prune, lowest_k_keep, nm_keep, row_counts_keep
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,16 @@ class SparseGPTPruner(Pruner):
             bs = max(nm[1], bs - bs % nm[1])
         keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
         pruned_so_far = 0
+        row_counts = None
+        if target.row_counts is not None:
+            # Per-row counts (BESA's allocation): each row prunes its own cumulative share
+            # per column block, so row r ends with exactly row_counts[r] pruned.
+            # Weights pruned before (prev_keep) count toward a row's total wherever they lie,
+            # so only the new prunes are spread over the blocks.
+            row_counts = torch.tensor(target.row_counts, dtype=torch.int64, device=weight.device)
+            prev_rows = torch.zeros_like(row_counts) if prev_keep is None else (~prev_keep).sum(1)
+            new_rows = (row_counts - prev_rows).clamp_min(0)
+            new_so_far = torch.zeros_like(row_counts)
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             width = i2 - i1
@@ -146,7 +156,13 @@ class SparseGPTPruner(Pruner):
             u1 = u[i1:i2, i1:i2]
             d = u1.diagonal()
             prev1 = None if prev_keep is None else prev_keep[:, i1:i2]
-            if nm is None:
+            if row_counts is not None:
+                prev_here = torch.zeros_like(row_counts) if prev1 is None else (~prev1).sum(1)
+                k_new = ((new_rows * i2 + cols // 2) // cols - new_so_far).clamp_min(0)
+                k_new = torch.minimum(k_new, width - prev_here)
+                keep1 = row_counts_keep(w1.square() / d.square()[None, :], prev_here + k_new, prev1)
+                new_so_far += k_new
+            elif nm is None:
                 # Unstructured: select jointly over the block by OBS saliency w^2 / [H^-1]_ii^2.
                 if self.rounding == "floor":
                     k = int(rows * width * target.rate)
