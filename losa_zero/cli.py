@@ -76,6 +76,12 @@ def cmd_losa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train_command import cli_run
+
+    return cli_run(args.config, args.overrides, args.command_line)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval_command import run_eval
 
@@ -117,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losa", help="LoSA: progressive pruning with sparse LoRA fine-tuning between steps")
     _add_config_flags(p, LosaConfig)
     p.set_defaults(func=cmd_losa)
+
+    p = sub.add_parser("train", help="LoSA under DeepSpeed ZeRO-3 on every rank that launched it (a YAML run config)")
+    p.add_argument("config", help="run config: the losa options plus deepspeed, checkpoint_dir, checkpoint_every, resume")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model directory")
     p.add_argument("--model", required=True, help="Hugging Face model directory")

@@ -1,0 +1,33 @@
+"""The run config of ``losa-zero train`` / ``train/losa.py``: every option of ``losa-zero
+losa`` (same names), plus where DeepSpeed, checkpoints and the export go."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import LosaConfig, opt
+from ..errors import LosaZeroError
+
+
+@dataclass
+class ZeroRunConfig(LosaConfig):
+    deepspeed: str = opt("ds_configs/zero3.json", "DeepSpeed config (JSON); its \"auto\" fields are filled from this config")
+    checkpoint_dir: str | None = opt(None, "checkpoints, dense targets and metrics.jsonl (default: OUT.checkpoints)")
+    checkpoint_every: int = opt(0, "also checkpoint every N optimizer steps (0: only at the end of each LoSA step)")
+    keep_checkpoints: int = opt(2, "complete checkpoints kept (the newest step-end one is always kept too)")
+    resume: str = opt("auto", "auto (newest complete checkpoint, if any), never, or a checkpoint folder")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (needed for long sequences on big models)")
+    export_shard_size: str = opt("5GB", "largest safetensors file of the exported model")
+    eval_batch_size: int = opt(4, "perplexity windows per forward")
+    dist_backend: str = opt("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
+
+    def validate(self) -> "ZeroRunConfig":
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.eval_batch_size < 1:
+            raise LosaZeroError("checkpoint_every must be >= 0, keep_checkpoints >= 1 and eval_batch_size >= 1")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise LosaZeroError(f"resume={self.resume}: use auto, never or an existing checkpoint folder")
+        return super().validate()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(f"{self.out}.checkpoints")

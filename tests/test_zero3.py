@@ -1,0 +1,264 @@
+"""LoSA under DeepSpeed ZeRO-3 on CPU: 1 and 2 ranks (gloo) on the real stories260K model.
+
+Every run is a real launch (``train/losa.py`` under torchrun, the deepspeed launcher, or
+ranks spawned here in one process group) with one thread per rank, under a timeout. The
+runs are short (5 LoSA steps at 70%, 16 fine-tuning samples per step, 32 at the last) so
+the whole file stays within a few minutes on 2 cores.
+
+What is checked:
+- 2 ranks vs 1 rank: identical masks, ranks and rates, the same perplexity (the
+  algorithm is the same code; statistics, Grams, gradients and the clipping norm are
+  combined so the split does not change the numbers); mask bytes per rank halve;
+- a SIGKILL of the whole run after step 2 then ``resume: auto``: the final model equals
+  the uninterrupted run's bit for bit (8-bit paged AdamW, CPU offload config);
+- a SIGKILL while a checkpoint is being written: the resume takes the previous complete
+  one, also at another world size (2 -> 1 ranks); a mid-step checkpoint at another world
+  size is refused at once with a one-line message saying what to do;
+- a stop signal (SIGUSR1) on one rank: every rank checkpoints at the same optimizer step
+  and exits 75 for a requeue; the resume ends with the uninterrupted model;
+- the CPU-offload config runs to the end; the exported folder loads with plain
+  transformers and has the sparsity summary.json states.
+
+The equivalence test uses torch AdamW: 8-bit optimizers quantise their state in blocks of
+each rank's flat partition, so the same gradients give slightly different updates at
+different world sizes (this is a property of blockwise 8-bit states, not of the LoSA port).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zero3_helpers import REPO, base_env, launch, summary, write_config
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed
+
+RUN_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def zbase(stories_model_dir, tinystories_split, tmp_path_factory):
+    eval_txt, train_txt = tinystories_split
+    tmp = tmp_path_factory.mktemp("zero3")
+    cfg = {
+        "model": str(stories_model_dir), "calib": str(train_txt), "train": str(train_txt), "ppl": str(eval_txt),
+        "sparsity": 0.7, "steps": 5, "nsamples": 32, "seqlen": 128, "cka_nsamples": 16, "calib_batch_size": 8,
+        "samples_per_step": 16, "final_step_samples": 32, "max_length": 128, "batch_size": 8,
+        "micro_batch_size": 4, "lr": 3.0e-3, "checkpoint_every": 1,
+        "deepspeed": str(REPO / "ds_configs" / "zero3_cpu_test.json"),
+    }
+    return {"tmp": tmp, "cfg": cfg}
+
+
+def _config(zbase, name: str, **extra) -> tuple[Path, Path]:
+    out = zbase["tmp"] / name
+    cfg = dict(zbase["cfg"], out=str(out), **extra)
+    return write_config(zbase["tmp"] / f"{name}.yaml", cfg), out
+
+
+def _run_ok(run, timeout=RUN_TIMEOUT):
+    rc = run.wait(timeout)
+    assert rc == 0, f"run failed (exit {rc}); log tail:\n{run.text()[-6000:]}"
+    return summary(run.out)
+
+
+def _final_checkpoint(out: Path):
+    from losa_zero.zero3.checkpoint import latest_complete
+
+    info = latest_complete(Path(f"{out}.checkpoints"))
+    assert info is not None and info.key == (5, 0)
+    return info
+
+
+def _full_state(info):
+    """Every parameter (whole tensor, reassembled from the per-rank shards) and every mask."""
+    from losa_zero.zero3.checkpoint import ShardReader
+
+    frozen, train = ShardReader(info, "frozen"), ShardReader(info, "train")
+    params = {n: (train if m["trainable"] else frozen).full(n) for n, m in info.meta["params"].items()}
+    masks = {n: frozen.full_mask(n) for n in info.meta["masks"]}
+    return params, masks
+
+
+def _assert_same_model(info_a, info_b, tol=1e-6):
+    pa, ma = _full_state(info_a)
+    pb, mb = _full_state(info_b)
+    assert pa.keys() == pb.keys() and ma.keys() == mb.keys()
+    worst = max((pa[n].float() - pb[n].float()).abs().max().item() for n in pa)
+    assert worst < tol, f"max abs difference {worst}"
+    for n in ma:
+        assert ma[n] is not None and torch.equal(ma[n], mb[n]), f"mask of {n} differs"
+    return worst
+
+
+def _layer_field(s: dict, field: str) -> list:
+    return [layer[field] for step in s["steps"] for layer in step["layers"]]
+
+
+@pytest.fixture(scope="module")
+def adamw_runs(zbase):
+    """The same LoSA run (torch AdamW) on 1 rank (one process, no launcher) and on 2 ranks (torchrun)."""
+    cfg1, out1 = _config(zbase, "adamw_w1", optimizer="adamw")
+    s1 = _run_ok(launch(cfg1, [], 1, zbase["tmp"], zbase["tmp"] / "adamw_w1.log", out1, launcher="single"))
+    cfg2, out2 = _config(zbase, "adamw_w2", optimizer="adamw")
+    s2 = _run_ok(launch(cfg2, [], 2, zbase["tmp"], zbase["tmp"] / "adamw_w2.log", out2, launcher="torchrun"))
+    return {"w1": (s1, out1), "w2": (s2, out2), "cfg2": cfg2}
+
+
+def test_two_ranks_match_one_rank(adamw_runs):
+    (s1, out1), (s2, out2) = adamw_runs["w1"], adamw_runs["w2"]
+    assert s1["world_size"] == 1 and s2["world_size"] == 2
+    assert _layer_field(s1, "rate") == _layer_field(s2, "rate")
+    assert _layer_field(s1, "rank") == _layer_field(s2, "rank")
+    assert [st["achieved_sparsity"] for st in s1["steps"]] == [st["achieved_sparsity"] for st in s2["steps"]]
+    worst = _assert_same_model(_final_checkpoint(out1), _final_checkpoint(out2))
+    p1, p2 = s1["perplexity"]["eval.txt"]["ppl"], s2["perplexity"]["eval.txt"]["ppl"]
+    print(f"\nppl 1 rank {p1:.6f}, 2 ranks {p2:.6f}; max weight difference {worst}")
+    assert abs(p1 - p2) / p1 < 1e-3
+    assert s1["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_mask_bytes_per_rank_halve(adamw_runs):
+    (s1, _), (s2, _) = adamw_runs["w1"], adamw_runs["w2"]
+    one, two = s1["mask_bytes_per_rank"], s2["mask_bytes_per_rank"]
+    n_weights = sum(1 for _ in s1["per_linear_sparsity"])
+    assert len(one) == 1 and len(two) == 2
+    print(f"\nmask bytes per rank: 1 rank {one}, 2 ranks {two}")
+    for b in two:
+        assert abs(b / one[0] - 0.5) < 0.01 + 8 * n_weights / one[0]
+    # and the bytes are bits: about numel / 8 in total
+    assert len(s2["peak_memory_per_rank"]) == 2 and all(p["host_rss_bytes"] > 0 for p in s2["peak_memory_per_rank"])
+
+
+def test_export_loads_with_plain_transformers(adamw_runs):
+    s2, out2 = adamw_runs["w2"]
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "d = sys.argv[1]\n"
+        "m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)\n"
+        "tok = AutoTokenizer.from_pretrained(d)\n"
+        "assert len(tok('Once upon a time')['input_ids']) > 1\n"
+        "names = ('q_proj','k_proj','v_proj','o_proj','gate_proj','up_proj','down_proj')\n"
+        "z = t = 0\n"
+        "for n, p in m.named_parameters():\n"
+        "    if n.endswith('.weight') and n.split('.')[-2] in names:\n"
+        "        z += int((p == 0).sum()); t += p.numel()\n"
+        "assert 'losa_zero' not in sys.modules\n"
+        "with torch.no_grad():\n"
+        "    out = m(torch.tensor([[1, 2, 3]])).logits\n"
+        "assert torch.isfinite(out).all()\n"
+        "print(json.dumps({'sparsity': z / t, 'type': type(m).__name__}))\n"
+    )
+    env = base_env(Path(out2).parent)
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([sys.executable, "-c", code, str(out2)], capture_output=True, text=True, env=env,
+                         timeout=120, cwd="/")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["type"] == "LlamaForCausalLM"
+    assert got["sparsity"] == pytest.approx(s2["achieved_sparsity"], abs=1e-6)
+    assert (out2 / "metrics.jsonl").is_file()
+    lines = [json.loads(l) for l in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert {"losa_step", "opt_step", "loss", "lr", "tokens_per_s"} <= set(lines[0])
+    assert len(lines) == sum(st["opt_steps"] for st in s2["steps"])
+
+
+@pytest.fixture(scope="module")
+def offload_run(zbase):
+    """The CPU-offload config with the default optimizer (paged 8-bit AdamW), 2 ranks, deepspeed launcher."""
+    cfg, out = _config(zbase, "offload", deepspeed=str(REPO / "ds_configs" / "zero3_offload_cpu.json"))
+    s = _run_ok(launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "offload.log", out, launcher="deepspeed"))
+    return s, out, cfg
+
+
+def test_offload_config_runs_to_the_end(offload_run):
+    s, out, _ = offload_run
+    assert s["config"]["optimizer"] == "paged_adamw_8bit"
+    assert s["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert len(s["steps"]) == 5 and math.isfinite(s["perplexity"]["eval.txt"]["ppl"])
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+def test_sigkill_after_step2_then_resume_auto_equals_uninterrupted(offload_run, zbase):
+    """Paged 8-bit AdamW, CPU offload, 2 ranks: killed with SIGKILL (whole process group)
+    right after the first checkpoint of step 3 (one optimizer step in), resumed with
+    resume=auto: the same final model as the uninterrupted run, bit for bit."""
+    s_ref, out_ref, _ = offload_run
+    cfg, out = _config(zbase, "killed", deepspeed=str(REPO / "ds_configs" / "zero3_offload_cpu.json"))
+    run = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "killed.log", out, hold="saved:ckpt-002-000001")
+    run.wait_for("test hold at saved ckpt-002-000001", RUN_TIMEOUT)
+    run.kill()
+    assert not out.exists()
+    resumed = launch(cfg, ["resume=auto"], 2, zbase["tmp"], zbase["tmp"] / "killed_resume.log", out)
+    s = _run_ok(resumed)
+    assert "resumed from checkpoint" in resumed.text() and "ckpt-002-000001 (2 -> 2 ranks" in resumed.text()
+    assert s["resumed_from"] == ["ckpt-002-000001"]
+    _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
+    assert s["perplexity"]["eval.txt"]["ppl"] == s_ref["perplexity"]["eval.txt"]["ppl"]
+    # the metrics file has exactly one line per optimizer step (none duplicated by the replay)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == sum(st["opt_steps"] for st in s["steps"])
+
+
+def test_kill_while_writing_checkpoint_resumes_from_previous(adamw_runs, zbase):
+    """Killed while rank files of ckpt-002-000001 are on disk but its marker is not: the
+    resume takes ckpt-002-000000, here at another world size (2 -> 1 ranks), and ends with
+    the same model as the uninterrupted 2-rank run. A mid-step checkpoint cannot change
+    world size: that is refused at once, saying what to do."""
+    from losa_zero.zero3.checkpoint import MARKER, latest_complete, list_complete
+
+    _, out_ref = adamw_runs["w2"]
+    cfg, out = _config(zbase, "torn", optimizer="adamw")
+    run = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "torn.log", out, hold="save:ckpt-002-000001")
+    run.wait_for("test hold at save ckpt-002-000001", RUN_TIMEOUT)
+    run.kill()
+    ckdir = Path(f"{out}.checkpoints")
+    torn = ckdir / "ckpt-002-000001"
+    assert (torn / "train.rank00000.pt").exists() and (torn / "train.rank00001.pt").exists()
+    assert not (torn / MARKER).exists()
+    assert latest_complete(ckdir).path.name == "ckpt-002-000000"
+
+    mid = [c for c in list_complete(ckdir) if c.mid_step]
+    assert mid, "expected a complete mid-step checkpoint to try at another world size"
+    refused = launch(cfg, [f"resume={mid[-1].path}"], 1, zbase["tmp"], zbase["tmp"] / "torn_refused.log", out,
+                     launcher="single")
+    assert refused.wait(120) == 2
+    err = [l for l in refused.text().splitlines() if l.startswith("losa-zero: error:")]
+    assert len(err) == 1 and "relaunch with 2 ranks" in err[0], refused.text()[-3000:]
+
+    resumed = launch(cfg, [], 1, zbase["tmp"], zbase["tmp"] / "torn_resume.log", out, launcher="single")
+    s = _run_ok(resumed)
+    assert "ckpt-002-000000 (2 -> 1 ranks" in resumed.text()
+    assert s["world_size"] == 1 and s["resumed_from"] == ["ckpt-002-000000"]
+    _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
+
+
+def test_sigusr1_on_one_rank_checkpoints_exits_75_and_resumes(adamw_runs, zbase):
+    """A stop signal reaching one rank only: all ranks agree at the next optimizer step,
+    write the checkpoint, leave PREEMPTED.json and exit 75 (requeue); resume=auto then ends
+    with the uninterrupted model."""
+    import os
+    import signal
+
+    _, out_ref = adamw_runs["w2"]
+    cfg, out = _config(zbase, "usr1", optimizer="adamw", checkpoint_every=0)
+    run = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "usr1.log", out)
+    run.wait_for("LoSA step 2/5", RUN_TIMEOUT)
+    os.kill(run.procs[1].pid, signal.SIGUSR1)
+    codes = [p.wait(120) for p in run.procs]
+    assert codes == [75, 75], run.text()[-4000:]
+    ckdir = Path(f"{out}.checkpoints")
+    marker = json.loads((ckdir / "PREEMPTED.json").read_text())
+    assert Path(marker["checkpoint"]).name.startswith("ckpt-002-")
+    resumed = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "usr1_resume.log", out)
+    s = _run_ok(resumed)
+    assert s["resumed_from"] == [Path(marker["checkpoint"]).name]
+    assert not (ckdir / "PREEMPTED.json").exists()
+    _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
