@@ -35,6 +35,7 @@ from ..finetune import MetricsWriter
 from ..losa import Losa
 from ..modeling import decoder_layers, load_model
 from ..outputs import peak_memory, write_json_atomic
+from ..pipeline import sparsity_report
 from .config import ZeroRunConfig
 
 log = logging.getLogger("losa_zero")
@@ -56,21 +57,6 @@ def resolve_ds_config_path(spec: str, config_file: str | None = None) -> Path:
         if c.is_file():
             return c
     raise LosaZeroError(f"DeepSpeed config {spec} not found: pass deepspeed=ds_configs/zero3.json (or another file)")
-
-
-def sparsity_report(model, runtime) -> tuple[float, dict[str, float]]:
-    """Realised sparsity of the target linears (from the masks): global and per linear."""
-    from ..modeling import layer_linears
-
-    per_linear, pruned_total, total = {}, 0, 0
-    for l, layer in enumerate(decoder_layers(model)):
-        with runtime.gathered(layer):
-            for name, lin in layer_linears(layer).items():
-                p, t = runtime.count_pruned(lin)
-                per_linear[f"model.layers.{l}.{name}"] = p / t
-                pruned_total += p
-                total += t
-    return pruned_total / total, per_linear
 
 
 def _same_choice_everywhere(info):
