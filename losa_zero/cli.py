@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.set_defaults(func=cmd_train)
 
+    # `losa-zero plan` has its own parser (losa_zero/plan.py); main() hands it the arguments
+    sub.add_parser("plan", add_help=False,
+                   help="per-GPU / per-node memory of a ZeRO-3 LoSA run and whether it fits (exit 3 if not)")
+
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model directory")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--ppl", default="", help="texts to score, comma-separated [text|jsonl|alpaca|wikitext2:]PATH")
@@ -158,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    rest = [a for a in argv if a not in ("-q", "--quiet")]
+    if rest[:1] == ["plan"]:
+        from .plan import main_plan
+
+        return main_plan(rest[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = _command_line(argv)
