@@ -20,20 +20,10 @@ from .errors import LosaZeroError
 
 
 def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise LosaZeroError(f"expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not key:
-            raise LosaZeroError(f"empty key in {item!r}")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            parsed = value
-        out[key] = value if isinstance(parsed, (dict, list)) else parsed
-    return out
+    """``key=value`` overrides as the train entry point reads them, keys with underscores."""
+    from .train_command import parse_overrides as parse
+
+    return {key.replace("-", "_"): value for key, value in parse(items).items()}
 
 
 def merge(layers: list[str], overrides: list[str]) -> dict:
