@@ -36,9 +36,6 @@ class Activations:
     hidden: torch.Tensor  # [n_local, seq, hidden]
     kwargs: dict = field(default_factory=dict)
 
-    def clone(self) -> "Activations":
-        return Activations(self.hidden.clone(), self.kwargs)
-
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, runtime: Runtime, batch_size: int) -> Activations:
