@@ -148,6 +148,17 @@ def uniform_rates(num_layers: int, theta: float) -> list[float]:
     return [float(theta)] * num_layers
 
 
+def check_target_and_band(target: float, width: float, width_name: str) -> tuple[float, float]:
+    """Validate a layer-rate target in [0, 1) and a band half-width >= 0 (RMI's delta, OWL's
+    lambda): the checks every rate allocator shares."""
+    target, width = float(target), float(width)
+    if not 0.0 <= target < 1.0:
+        raise LosaZeroError(f"sparsity must be in [0, 1), got {target}")
+    if not math.isfinite(width) or width < 0:
+        raise LosaZeroError(f"{width_name} must be >= 0, got {width}")
+    return target, width
+
+
 def solve_layer_rates(importance, theta: float, delta: float) -> list[float]:
     """Exact optimum of min sum x_l I_l s.t. mean(x) = Θ, x_l in the band around Θ (§3).
 
@@ -158,11 +169,7 @@ def solve_layer_rates(importance, theta: float, delta: float) -> list[float]:
     asymmetric band still gives mean exactly Θ (up to float rounding).
     """
     imp = _as_floats(importance, "importance")
-    theta, delta = float(theta), float(delta)
-    if not 0.0 <= theta < 1.0:
-        raise LosaZeroError(f"sparsity must be in [0, 1), got {theta}")
-    if not math.isfinite(delta) or delta < 0:
-        raise LosaZeroError(f"band half-width delta must be >= 0, got {delta}")
+    theta, delta = check_target_and_band(theta, delta, "band half-width delta")
     L = len(imp)
     lo = theta - min(delta, theta)
     hi = theta + min(delta, (1.0 - theta) / 2)

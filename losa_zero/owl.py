@@ -20,14 +20,12 @@ ratios from the same gathered weights.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
-from .allocation import _as_floats
+from .allocation import _as_floats, check_target_and_band
 from .blockwise import Activations, collect_input_stats, forward_block
-from .errors import LosaZeroError
 from .lora import SparseLoRALinear
 from .modeling import decoder_layers, layer_linears
 from .pruners import WandaPruner
@@ -102,11 +100,7 @@ def owl_rates(ratios, target: float, lam: float = 0.08) -> list[float]:
     """Layer sparsity rates from outlier ratios: linear in the ratio (more outliers -> lower
     sparsity), mean exactly ``target``, every rate within ``target +- lam``."""
     r = _as_floats(ratios, "outlier ratios")
-    target, lam = float(target), float(lam)
-    if not 0.0 <= target < 1.0:
-        raise LosaZeroError(f"sparsity must be in [0, 1), got {target}")
-    if not math.isfinite(lam) or lam < 0:
-        raise LosaZeroError(f"OWL lambda must be >= 0, got {lam}")
+    target, lam = check_target_and_band(target, lam, "OWL lambda")
     L = len(r)
     lam = min(lam, target, (1.0 - target) / 2)  # stay inside [0, 1)
     lo, hi = min(r), max(r)
