@@ -48,7 +48,7 @@ from .errors import LosaZeroError
 from .lora import SparseLoRALinear
 from .modeling import decoder_layers, layer_linears
 from .owl import effective_weight
-from .pruners import SparsityTarget, WandaPruner, row_counts_keep
+from .pruners import SparsityTarget, WandaPruner
 from .runtime import Runtime
 
 log = logging.getLogger("losa_zero")

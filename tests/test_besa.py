@@ -13,7 +13,7 @@ from losa_zero.besa import (N_CANDIDATES, BesaOptions, LinearRates, candidate_pr
 from losa_zero.config import LosaConfig, PruneConfig, build_config
 from losa_zero.errors import LosaZeroError
 from losa_zero.pipeline import run_losa, run_prune
-from losa_zero.pruners import SparsityTarget, WandaStats, get_pruner, row_counts_keep
+from losa_zero.pruners import SparsityTarget, get_pruner, row_counts_keep
 
 NSAMPLES = 32  # reduced calibration set: 32 x 512 tokens
 

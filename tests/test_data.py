@@ -11,7 +11,6 @@ import os
 import pytest
 import torch
 
-from losa_zero import data
 from losa_zero.data import (
     ALPACA_TEMPLATE,
     calibration_windows,

@@ -1,7 +1,6 @@
 """losa_zero.preemption: a flag-only signal handler, a collective stop decision, exit 75."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -186,7 +186,6 @@ def test_checkpoint_selection_ignores_incomplete(tmp_path):
 
 
 def test_resume_refusals(tmp_path):
-    from types import SimpleNamespace
 
     from losa_zero.zero3.checkpoint import check_resumable, fingerprint, read_complete
     from losa_zero.zero3.config import ZeroRunConfig
