@@ -21,6 +21,7 @@ from .config import LosaConfig
 from .finetune import MetricsWriter, train_adapters
 from .lora import SparseLoRALinear, unwrap_linear, wrap_linear
 from .modeling import TARGET_LINEARS, decoder_layers, layer_linears
+from .outputs import memory_now
 from .pruners import SparsityTarget
 from .runtime import Runtime
 
@@ -109,6 +110,9 @@ class Losa:
         self.state = LosaState()
         self.dense_targets: list[torch.Tensor] | None = None
         self.seconds: dict[str, float] = {}
+        #: this process's memory (``outputs.memory_now``) at the end of each phase, in the order
+        #: they end: dense_targets, step1.importance, step1.prune, step1.finetune, step2..., merge
+        self.memory: dict[str, dict] = {}
         #: adapter trainer (None: a single-process LocalTrainer); the ZeRO-3 driver sets a DeepSpeed one
         self.trainer = None
         #: ``on_event(losa, kind)`` after "pruned", every "opt_step" and at "step_end" (checkpoints)
@@ -126,6 +130,7 @@ class Losa:
     def _tick(self, name: str, t0: float) -> float:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - t0
+        self.memory[name] = memory_now()
         return now
 
     def steps_examples(self, t: int) -> int:
@@ -247,10 +252,12 @@ class Losa:
             self.model.eval()
             rates, importance, redundancy = self.importance(theta, delta)
             now = time.perf_counter(); step_seconds["importance"] = now - t0; t0 = now
+            self.memory[f"step{t}.importance"] = memory_now()
             results, errors = self.prune_step(rates)
             ranks = self.allocate(errors, mean_rank)
             self.unmerge(ranks)
             step_seconds["prune"] = time.perf_counter() - t0
+            self.memory[f"step{t}.prune"] = memory_now()
             self.state.pending = {
                 "step": t, "rates": list(rates), "importance": importance, "redundancy": redundancy,
                 "errors": list(errors), "ranks": list(ranks),
@@ -273,6 +280,7 @@ class Losa:
             on_opt_step=lambda progress: self._event("opt_step"), seed=cfg.seed)
         self.model.eval()
         step_seconds["finetune"] = train["seconds"]
+        self.memory[f"step{t}.finetune"] = memory_now()
         for key, value in step_seconds.items():
             self.seconds[key] = self.seconds.get(key, 0.0) + value
         pruned = sum(c[0] for c in p["pruned"])
@@ -307,4 +315,5 @@ class Losa:
             self.run_step()
         self.dense_targets = None
         merge_and_unwrap(self.model, self.runtime)
+        self.memory["merge"] = memory_now()
         return self.state.history

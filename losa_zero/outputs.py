@@ -110,3 +110,17 @@ def peak_memory() -> dict:
     except Exception:  # pragma: no cover - torch absent or CUDA broken
         cuda = None
     return {"host_rss_bytes": host, "cuda_bytes": cuda}
+
+
+def memory_now() -> dict:
+    """This process's host memory at this instant, in bytes: the peak RSS so far
+    (``ru_maxrss``, which only grows, so read at the end of a phase it is the peak reached by
+    then) and the current RSS (``/proc/self/statm``: what the phases so far keep alive;
+    ``None`` where /proc is absent). The kernel batches RSS counts per thread, so the two
+    can disagree by a few hundred KiB (the current value may exceed the peak by that much)."""
+    current = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as fh:
+            current = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": int(rss) if sys.platform == "darwin" else int(rss) * 1024, "rss_bytes": current}

@@ -280,7 +280,7 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
         raise LosaZeroError("nodes, gpus per node, nsamples, batch sizes, max_length and the LoRA rank must be >= 1")
     W, G = inp.world, inp.gpus_per_node
     b = DTYPE_BYTES[inp.dtype]
-    h, i, kv, L, V = shape.hidden, shape.intermediate, shape.kv_dim, shape.layers, shape.vocab
+    h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     seqlen = inp.seqlen or min(2048, shape.max_position)
     offload = inp.offload
     opt_off = inp.offload_optimizer if inp.offload_optimizer is not None else offload != "none"

@@ -136,6 +136,24 @@ def test_mask_bytes_per_rank_halve(adamw_runs):
     assert len(s2["peak_memory_per_rank"]) == 2 and all(p["host_rss_bytes"] > 0 for p in s2["peak_memory_per_rank"])
 
 
+def test_memory_by_phase_per_rank(adamw_runs):
+    """Every rank records, at the end of every phase in time order, the peak RSS so far (never
+    falling) and the current RSS (not above that peak, up to the kernel's per-thread batching
+    of RSS counts); the last peak is within the run's overall peak."""
+    phases = (["load", "data", "dense_targets", "prepare"]
+              + [f"step{t}.{p}" for t in range(1, 6) for p in ("importance", "prune", "finetune")]
+              + ["merge", "eval", "save"])
+    for s, _ in (adamw_runs["w1"], adamw_runs["w2"]):
+        by_rank = s["memory_by_phase_per_rank"]
+        assert len(by_rank) == s["world_size"]
+        for mem, overall in zip(by_rank, s["peak_memory_per_rank"]):
+            assert list(mem) == phases
+            peaks = [m["peak_rss_bytes"] for m in mem.values()]
+            assert peaks[0] > 0 and peaks == sorted(peaks), peaks
+            assert all(0 < m["rss_bytes"] <= m["peak_rss_bytes"] + 8 * 2**20 for m in mem.values()), mem
+            assert peaks[-1] <= overall["host_rss_bytes"]
+
+
 def test_export_loads_with_plain_transformers(adamw_runs):
     s2, out2 = adamw_runs["w2"]
     code = (

@@ -15,7 +15,7 @@ Order of events on every rank:
 6. the LoSA steps (the single-process algorithm on a ZeroRuntime), checkpointing at each
    step's end and every N optimizer steps;
 7. the final merge, perplexity, the streamed export and summary.json (with per-rank peak
-   memory), all written under a temporary name and renamed into place at the end.
+   memory, also by phase), all written under a temporary name and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..errors import LosaZeroError
 from ..finetune import MetricsWriter
 from ..losa import Losa
 from ..modeling import decoder_layers, load_model
-from ..outputs import peak_memory, write_json_atomic
+from ..outputs import memory_now, peak_memory, write_json_atomic
 from ..pipeline import sparsity_report
 from .config import ZeroRunConfig
 
@@ -119,12 +119,13 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
     offload = offloads_params(ds_config)
     # Must exist (and stay referenced) before from_pretrained: transformers then builds the
     # model under deepspeed.zero.Init and loads each tensor straight into its shards.
-    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    hf_ds = HfDeepSpeedConfig(ds_config)
     runtime = ZeroRuntime(env.device, ds_config, cfg.calib_batch_size, mask_device="cpu" if offload else None)
     runtime.info(f"{env.world_size} rank(s) via {env.launcher}, backend {env.backend}, DeepSpeed config {ds_path}")
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
     seconds["load"] = time.perf_counter() - t0
+    memory = {"load": memory_now()}
     runtime.model = model
     ctx = int(getattr(model.config, "max_position_embeddings", 2048))
     seqlen = cfg.seqlen or min(2048, ctx)
@@ -136,6 +137,7 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
     examples = finetune_examples(tokenizer, cfg.train, cfg.max_length, limit=total_examples, seed=cfg.seed,
                                  train_on_inputs=cfg.train_on_inputs)
     seconds["data"] = time.perf_counter() - t0
+    memory["data"] = memory_now()
 
     if runtime.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +168,8 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
         algo.dense_targets = load_activations(dense_dir, runtime, n_layers, calib.shape[0])
         algo.attach_adapters()
     seconds["prepare"] = time.perf_counter() - t0
+    memory.update(algo.memory)
+    memory["prepare"] = memory_now()
     trainer = ZeroTrainer(model, runtime, cfg, ds_config)
     algo.trainer = trainer
     checkpointer = Checkpointer(ckpt_dir, runtime, trainer, cfg, every=cfg.checkpoint_every,
@@ -177,6 +181,7 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
         history = algo.run()
     finally:
         metrics.close()
+    memory.update(algo.memory)  # the steps' phases and the merge, after the ones above: in time order
     for key, value in algo.seconds.items():
         seconds[key] = seconds.get(key, 0.0) + value
 
@@ -190,6 +195,7 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
             ppl[name] = r
             runtime.info(f"perplexity {name}: {r['ppl']:.4f} (seqlen {r['seqlen']}, {r['tokens']} tokens)")
     seconds["eval"] = time.perf_counter() - t0
+    memory["eval"] = memory_now()
     achieved, per_linear = sparsity_report(model, runtime)
     tmp = out.with_name(f"{out.name}.partial")
     if runtime.is_main:
@@ -200,9 +206,11 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
     t0 = time.perf_counter()
     exported = export_model(model, tokenizer, tmp, runtime, max_shard)
     seconds["save"] = time.perf_counter() - t0
+    memory["save"] = memory_now()
     seconds["total"] = time.perf_counter() - t_start
     mask_bytes = runtime.all_gather_object(runtime.masks.local_bytes())
     peaks = runtime.all_gather_object(peak_memory())
+    by_phase = runtime.all_gather_object(memory)
     summary = {
         "method": "losa", "pruner": cfg.pruner, "allocation": cfg.allocation,
         "rank_allocation": cfg.rank_allocation, "target_sparsity": cfg.sparsity, "nm": None,
@@ -221,6 +229,9 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
         "launcher": env.launcher,
         "deepspeed_config": str(ds_path),
         "peak_memory_per_rank": peaks,
+        # per rank, in time order: {phase: {"peak_rss_bytes": peak so far, "rss_bytes": current}} at
+        # each phase's end (load, data, dense_targets, prepare, step1.importance ... merge, eval, save)
+        "memory_by_phase_per_rank": by_phase,
         "mask_bytes_per_rank": mask_bytes,
         "export": exported,
         "resumed_from": checkpointer.resumed_from,
@@ -241,4 +252,5 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
         log.info(f"done: losa sparsity {achieved:.4f}" + (f", perplexity {ppl_text}" if ppl_text else "")
                  + f", {seconds['total']:.1f}s on {runtime.world_size} rank(s); wrote {out}")
     runtime.barrier()
+    del hf_ds  # referenced to the end: transformers' ZeRO-3 integration holds it only weakly
     return summary
