@@ -184,3 +184,224 @@ def test_block_merge_then_unmerge_restores_weights(stories_model_dir):
     for n, l in layer_linears(layer).items():
         torch.testing.assert_close(l.weight.detach(), before[n], rtol=1e-6, atol=1e-6)
         assert l.rank == 4
+
+
+# -- the masked paths ("merged" default, "separate") against a dense autograd reference ---------
+
+class _Store:
+    """A minimal ``mask_store`` (the protocol PartitionedMaskStore implements under ZeRO-3)."""
+
+    def __init__(self):
+        self.masks, self.calls = {}, 0
+
+    def keep(self, layer):
+        self.calls += 1
+        return self.masks.get(id(layer))
+
+    def set(self, layer, keep):
+        self.masks[id(layer)] = keep
+
+    def keep_fn(self, layer):
+        return lambda: self.keep(layer)
+
+
+# (model dtype, adapter dtype): fp32; a bf16 model with fp32 adapters (one process); all bf16
+# (DeepSpeed bf16 casts the adapters too)
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16-model": (torch.bfloat16, torch.float32),
+          "bf16-all": (torch.bfloat16, torch.bfloat16)}
+
+
+def _typed_layer(dtypes, path, store, out_f=40, in_f=24, rank=5, bias=True):
+    w_dtype, a_dtype = DTYPES[dtypes]
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(out_f, in_f, generator=g) < 0.5
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * keep)
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    layer = wrap_linear(lin, 8, 2.0, dropout=0.0, init_seed=0)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(out_f, 8, generator=g))
+    layer.weight.data = layer.weight.data.to(w_dtype)
+    if bias:
+        layer.bias.data = layer.bias.data.to(w_dtype)
+    layer.lora_A.data = layer.lora_A.data.to(a_dtype)
+    layer.lora_B.data = layer.lora_B.data.to(a_dtype)
+    if store:
+        layer.mask_store = _Store()
+    layer.set_keep_mask(keep)
+    layer.set_rank(rank)
+    layer.masked_path = path
+    return layer, keep
+
+
+@pytest.fixture(params=["whole", "blocks"])
+def blocking(request, monkeypatch):
+    """"blocks": tiny row / token blocks, so the blocked CPU code paths run on a small layer."""
+    import losa_zero.lora as lora_mod
+
+    if request.param == "blocks":
+        monkeypatch.setattr(lora_mod, "_CPU_BLOCK_ELEMENTS", 3 * 24)
+        monkeypatch.setattr(lora_mod, "_CAST_BLOCK_ELEMENTS", 5 * 64)
+    return request.param
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["mask", "keep_fn"])
+@pytest.mark.parametrize("path", ["merged", "separate"])
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+def test_masked_paths_match_dense_reference(dtypes, path, store, blocking):
+    """Output and gradients of x, A, B equal autograd through F.linear(x, W + s (B A) ⊙ M, b)
+    (computed in float32 from the same values), for each path, dtype, and mask source."""
+    layer, keep = _typed_layer(dtypes, path, store)
+    w_dtype, a_dtype = DTYPES[dtypes]
+    x = torch.randn(3, 7, layer.in_features).to(w_dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == w_dtype
+    g = torch.randn_like(y)
+    calls = layer.mask_store.calls if store else 0
+    y.backward(g)
+    if store:
+        assert layer.mask_store.calls == calls + 1  # the backward rebuilt the mask instead of keeping it
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+    r, s = layer.rank, layer.scale
+    A = layer.lora_A.detach().float().requires_grad_(True)
+    B = layer.lora_B.detach().float().requires_grad_(True)
+    x2 = x.detach().float().requires_grad_(True)
+    w = layer.weight.detach().float() + s * (B[:, :r] @ A[:r]) * keep
+    ref = nn.functional.linear(x2, w, layer.bias.detach().float())
+    (ref * g.float()).sum().backward()
+    ref = ref.detach()
+    if dtypes == "fp32":
+        tol = dict(rtol=1e-5, atol=1e-5)
+        tols = (tol, tol, tol, tol)
+    else:  # bf16 output and input gradient: bf16 rounding; adapter gradients: in the adapter's dtype
+        bf = dict(rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        gx = dict(rtol=2e-2, atol=2e-2 * float(x2.grad.abs().max()))
+        ga = dict(rtol=1e-5, atol=1e-4) if a_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * float(A.grad.abs().max()))
+        gb = dict(rtol=1e-5, atol=1e-4) if a_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * float(B.grad.abs().max()))
+        tols = (bf, gx, ga, gb)
+    torch.testing.assert_close(y.float(), ref, **tols[0])
+    torch.testing.assert_close(x.grad.float(), x2.grad, **tols[1])
+    assert layer.lora_A.grad.dtype == a_dtype and layer.lora_B.grad.dtype == a_dtype
+    torch.testing.assert_close(layer.lora_A.grad.float(), A.grad, **tols[2])
+    torch.testing.assert_close(layer.lora_B.grad.float(), B.grad, **tols[3])
+    # components beyond the active rank get exactly zero
+    assert (layer.lora_A.grad[r:] == 0).all() and (layer.lora_B.grad[:, r:] == 0).all()
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["mask", "keep_fn"])
+def test_merged_and_separate_paths_agree_fp32(store, blocking):
+    """The two paths are the same function: outputs and gradients agree to float rounding."""
+    results = []
+    for path in ("merged", "separate"):
+        layer, _ = _typed_layer("fp32", path, store, out_f=64, in_f=48, rank=6)
+        x = torch.randn(2, 9, 48, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtypes", ["bf16-model", "bf16-all"])
+def test_bf16_weight_takes_the_separate_path(dtypes):
+    """A merged bf16 weight would round the update to W's precision per element: a bf16
+    layer computes exactly what the separate path computes."""
+    results = []
+    for path in ("merged", "separate"):
+        layer, _ = _typed_layer(dtypes, path, False)
+        x = torch.randn(2, 9, layer.in_features, generator=torch.Generator().manual_seed(5)).bfloat16()
+        x.requires_grad_(True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["merged", "separate"])
+def test_training_never_revives_pruned_weights_on_either_path(path):
+    layer, keep = _layer()
+    layer.masked_path = path
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=0.1)
+    for _ in range(10):
+        loss = (layer(torch.randn(8, layer.in_features)) - torch.randn(8, layer.out_features)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    merged = layer.weight.detach() + layer.delta_weight()
+    assert (merged[~keep] == 0).all() and (merged[keep] != 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["mask", "keep_fn"])
+@pytest.mark.parametrize("path", ["merged", "separate"])
+def test_no_weight_sized_tensor_saved_for_backward(path, store):
+    """What a training forward keeps alive until backward: the input, the parameters
+    themselves and at most the layer's own mask; nothing weight-sized is made for it (no
+    merged weight, no B @ A), and with a ``keep_fn`` not even the mask."""
+    layer, keep = _typed_layer("fp32", path, store, out_f=64, in_f=48)
+    numel = layer.weight.numel()
+    own = {layer.weight.data_ptr(), layer.lora_A.data_ptr(), layer.lora_B.data_ptr(), layer.bias.data_ptr()}
+    if not store:
+        own.add(layer._keep.data_ptr())
+    big = []
+
+    def pack(t):
+        if t.numel() >= numel and t.data_ptr() not in own:
+            big.append((tuple(t.shape), t.dtype))
+        if store and t.dtype == torch.bool:
+            big.append(("mask", tuple(t.shape)))
+        return t
+
+    x = torch.randn(4, 48, requires_grad=True)  # fewer tokens than weight rows: x is smaller than W
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert big == []
+    y.sum().backward()
+
+
+def test_dropout_takes_the_separate_path_and_eval_the_merged_one():
+    """With LoRA dropout active the adapter sees dropout(x) and the base x, so "merged" must
+    give exactly what "separate" gives (it falls back); in eval mode dropout is the identity
+    and the merged forward equals the dense formula."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(20, 12)
+    keep = torch.rand(12, 20, generator=g) < 0.5
+    with torch.no_grad():
+        lin.weight.mul_(keep)
+    layer = wrap_linear(lin, 6, 2.0, dropout=0.3, init_seed=0)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=g)
+    layer.set_keep_mask(keep)
+    layer.set_rank(4)
+    x = torch.randn(5, 20)
+    outs = {}
+    for path in ("merged", "separate"):
+        layer.masked_path = path
+        torch.manual_seed(7)
+        outs[path] = layer(x)
+    assert torch.equal(outs["merged"], outs["separate"])
+    layer.eval()
+    layer.masked_path = "merged"
+    ref = nn.functional.linear(x, layer.weight.detach() + layer.delta_weight(), layer.bias.detach())
+    torch.testing.assert_close(layer(x).detach(), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs["merged"], ref)  # dropout really was active in training mode
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_trainable_base_parameter_falls_back_and_gets_its_gradient(which):
+    layer, keep = _layer()
+    getattr(layer, which).requires_grad_(True)
+    x = torch.randn(6, layer.in_features)
+    layer(x).sum().backward()
+    expected = torch.ones(6, layer.out_features).t() @ x if which == "weight" else torch.full((layer.out_features,), 6.0)
+    torch.testing.assert_close(getattr(layer, which).grad, expected)
+
+
+def test_masked_path_is_validated():
+    layer, _ = _layer()
+    layer.masked_path = "fused"
+    with pytest.raises(ValueError, match="masked_path"):
+        layer(torch.randn(2, layer.in_features))
