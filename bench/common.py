@@ -102,7 +102,18 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: str | o
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux ru_maxrss is in KiB)."""
+    """This process's peak resident memory.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this process's own memory
+    since exec. Not ``ru_maxrss``: across fork + exec the kernel carries the parent's RSS at
+    fork time into the child's ``ru_maxrss``, so a child of a large parent (a benchmark
+    driver holding a model) would report the parent's size. Elsewhere: ``ru_maxrss`` (KiB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -168,3 +179,26 @@ def append_benchmark(title: str, command: str, header_line: str, body: str) -> N
 
 def this_command() -> str:
     return " ".join(["python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+
+
+def rss_bytes() -> int:
+    """This process's current resident memory (Linux /proc; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux ``/proc/self/clear_refs`` 5), so
+    that ``peak_rss_bytes`` afterwards reports the peak of one phase only. False where the
+    kernel does not allow it (then the peak still covers the whole process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
