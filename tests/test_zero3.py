@@ -103,10 +103,14 @@ def _layer_field(s: dict, field: str) -> list:
 
 @pytest.fixture(scope="module")
 def adamw_runs(zbase):
-    """The same LoSA run (torch AdamW) on 1 rank (one process, no launcher) and on 2 ranks (torchrun)."""
-    cfg1, out1 = _config(zbase, "adamw_w1", optimizer="adamw")
+    """The same LoSA run (torch AdamW) on 1 rank (one process, no launcher) and on 2 ranks (torchrun).
+
+    LoRA dropout 0 here (and in the runs compared with these), so they train on the sparse
+    LoRA's merged-weight path (a custom autograd Function holding the ZeRO-3 weight); the
+    offload runs use the released dropout 0.1 and so the separate path."""
+    cfg1, out1 = _config(zbase, "adamw_w1", optimizer="adamw", lora_dropout=0.0)
     s1 = _run_ok(launch(cfg1, [], 1, zbase["tmp"], zbase["tmp"] / "adamw_w1.log", out1, launcher="single"))
-    cfg2, out2 = _config(zbase, "adamw_w2", optimizer="adamw")
+    cfg2, out2 = _config(zbase, "adamw_w2", optimizer="adamw", lora_dropout=0.0)
     s2 = _run_ok(launch(cfg2, [], 2, zbase["tmp"], zbase["tmp"] / "adamw_w2.log", out2, launcher="torchrun"))
     return {"w1": (s1, out1), "w2": (s2, out2), "cfg2": cfg2}
 
@@ -233,7 +237,7 @@ def test_kill_while_writing_checkpoint_resumes_from_previous(adamw_runs, zbase):
     from losa_zero.zero3.checkpoint import MARKER, latest_complete, list_complete
 
     _, out_ref = adamw_runs["w2"]
-    cfg, out = _config(zbase, "torn", optimizer="adamw")
+    cfg, out = _config(zbase, "torn", optimizer="adamw", lora_dropout=0.0)
     run = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "torn.log", out, hold="save:ckpt-002-000001")
     run.wait_for("test hold at save ckpt-002-000001", RUN_TIMEOUT)
     run.kill()
@@ -266,7 +270,7 @@ def test_sigusr1_on_one_rank_checkpoints_exits_75_and_resumes(adamw_runs, zbase)
     import signal
 
     _, out_ref = adamw_runs["w2"]
-    cfg, out = _config(zbase, "usr1", optimizer="adamw", checkpoint_every=0)
+    cfg, out = _config(zbase, "usr1", optimizer="adamw", lora_dropout=0.0, checkpoint_every=0)
     run = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "usr1.log", out)
     run.wait_for("LoSA step 2/5", RUN_TIMEOUT)
     os.kill(run.procs[1].pid, signal.SIGUSR1)
