@@ -28,6 +28,13 @@ LLAMA_SHAPES = {
 }
 
 
+def describe_shape(shape: str) -> str:
+    """'100m LLaMA (hidden 768, intermediate 2048, 8 layers, 12 heads)'."""
+    s = LLAMA_SHAPES[shape]
+    return (f"{shape} LLaMA (hidden {s['hidden_size']}, intermediate {s['intermediate_size']}, "
+            f"{s['num_hidden_layers']} layers, {s['num_attention_heads']} heads)")
+
+
 def median(xs) -> float:
     return float(statistics.median(list(xs)))
 

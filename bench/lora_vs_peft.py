@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (LLAMA_SHAPES, REPO, append_benchmark, emit_result, machine_header, make_random_llama,  # noqa: E402
+from common import (LLAMA_SHAPES, REPO, append_benchmark, describe_shape, emit_result, machine_header, make_random_llama,  # noqa: E402
                     markdown_table, median, parse_result, peak_rss_bytes, reset_peak_rss, rss_bytes,
                     run_measured, this_command)
 
@@ -322,7 +322,7 @@ def main() -> None:
                   f"(g^T x only), plus 4 x 2*r*din*dout (B A twice, the A and B gradients) and a few "
                   f"weight-sized elementwise passes (mask, merge), which the FLOP count leaves out.\n\n{lin_table}")
     threads = results["peft"][0]["threads"]
-    body = (f"{LLAMA_SHAPES[args.shape]} (random init, vocab 32000), batch {args.batch} x seqlen {args.seqlen} "
+    body = (f"{describe_shape(args.shape)} (random init, vocab 32000), batch {args.batch} x seqlen {args.seqlen} "
             f"random token ids, rank {args.rank} (ours: A/B at max rank {args.max_rank}), alpha {args.alpha:g}, "
             f"fp32, AdamW, torch threads {threads}; {args.warmup} warm-up + {args.steps} timed steps per repeat, "
             f"{args.repeats} repeats, each variant in its own subprocess, interleaved. Masked rows: 50% "

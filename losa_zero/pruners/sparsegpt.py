@@ -68,23 +68,30 @@ def inverse_hessian_cholesky(h: Tensor, percdamp: float, retries: int = 3) -> Te
 
     When a factorisation fails (H numerically singular, e.g. few tokens or collinear
     inputs) the dampening grows tenfold, up to ``retries`` times, before giving up.
+
+    ``h`` is overwritten (its diagonal gets the dampening): at 70B a down_proj Hessian is
+    3.3 GB, so no copy is made, and each intermediate is freed as soon as it is used; at
+    most three n x n matrices are alive at once (H, the factor or inverse, U).
     """
     if not torch.isfinite(h).all():
         raise RuntimeError("sparsegpt: the Hessian contains NaN/Inf: the calibration activations overflowed; "
                            "check the model's inputs or accumulate with hessian_dtype='float64'")
-    mean_diag = h.diagonal().mean()
+    diag = h.diagonal().clone()
+    mean_diag = diag.mean()
     frac = percdamp
     for attempt in range(retries + 1):
-        hd = h.clone()
-        hd.diagonal().add_(frac * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
+        h.diagonal().copy_(diag + frac * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and torch.isfinite(u).all():
                 if attempt:
                     log.warning("sparsegpt: Hessian needed dampening %.3g x mean diagonal (asked %.3g)", frac, percdamp)
                 return u
+            del u
         frac = frac * 10 if frac > 0 else 0.01
     raise RuntimeError(
         f"sparsegpt: Cholesky of the dampened Hessian failed even with dampening {frac / 10:.3g} x mean diagonal "
@@ -186,7 +193,9 @@ class SparseGPTPruner(Pruner):
                 q = col.masked_fill(~keep1[:, i], 0.0)
                 q1[:, i] = q
                 e = (col - q) / d[i]
-                w1[:, i:].sub_(e[:, None] * u1[i, i:][None, :])
+                # A rank-1 matmul (k = 1: each entry is one exact product, the same values as
+                # the broadcast multiply) runs 2-3x faster than the broadcast on CPU.
+                w1[:, i:].sub_(e.unsqueeze(1) @ u1[i, i:].unsqueeze(0))
                 err1[:, i] = e
             w[:, i1:i2] = q1
             keep[:, i1:i2] = keep1
