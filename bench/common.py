@@ -209,3 +209,12 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def save_state_dict(model, path) -> float:
+    """torch.save the model's state dict to ``path`` (for evaluation by the driver); seconds.
+    Used by both tools' workers, so both save the same way."""
+    import torch
+    t0 = time.perf_counter()
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, path)
+    return time.perf_counter() - t0

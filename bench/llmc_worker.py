@@ -21,7 +21,7 @@ from pathlib import Path
 
 T_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import rss_bytes, emit_result, peak_rss_bytes, reset_peak_rss  # noqa: E402
+from common import emit_result, peak_rss_bytes, reset_peak_rss, rss_bytes, save_state_dict  # noqa: E402
 
 # The seven linears of every decoder layer, as ours prunes them; lm_head and the
 # embeddings are left alone (llm-compressor's default target "Linear" would include lm_head).
@@ -102,11 +102,7 @@ def main() -> None:
     n = calib.shape[0]
     calib_ok = bool(ids.shape[0] >= n and sorted(map(tuple, ids[:n].tolist())) == sorted(map(tuple, calib.tolist())))
 
-    t_save = 0.0
-    if job.get("out"):
-        t0 = time.perf_counter()
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, job["out"])
-        t_save = time.perf_counter() - t0
+    t_save = save_state_dict(model, job["out"]) if job.get("out") else 0.0
     emit_result({
         "tool": "llm-compressor", "version": llmcompressor.__version__, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "import_s": t_import, "load_s": t_load, "data_s": t_data,

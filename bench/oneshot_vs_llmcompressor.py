@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO, append_benchmark, rss_bytes, emit_result, machine_header, make_random_llama, markdown_table,
-    median, parse_result, peak_rss_bytes, reset_peak_rss, run_measured, this_command,
+    median, parse_result, peak_rss_bytes, reset_peak_rss, run_measured, save_state_dict, this_command,
 )
 
 TORCH_PIN = "2.13.0"
@@ -112,11 +112,7 @@ def ours_worker(job: dict) -> None:
     t_prune = time.perf_counter() - t0
     peak_prune = peak_rss_bytes()
 
-    t_save = 0.0
-    if job.get("out"):
-        t0 = time.perf_counter()
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, job["out"])
-        t_save = time.perf_counter() - t0
+    t_save = save_state_dict(model, job["out"]) if job.get("out") else 0.0
     emit_result({
         "tool": "losa-zero", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "import_s": t_import, "load_s": t_load, "data_s": 0.0, "prune_s": t_prune, "save_s": t_save,

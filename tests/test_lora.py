@@ -12,6 +12,7 @@ from losa_zero.lora import SparseLoRALinear, unwrap_linear, wrap_linear
 from losa_zero.losa import attach_sparse_lora, merge_and_unwrap, merge_block_adapters, unmerge_block_adapters
 from losa_zero.modeling import decoder_layers, layer_linears
 from losa_zero.runtime import Runtime
+from zero3_helpers import DictMaskStore
 
 
 def _layer(out_f=12, in_f=20, max_rank=6, rank=4, scale=2.0, seed=0, density=0.5):
@@ -188,23 +189,6 @@ def test_block_merge_then_unmerge_restores_weights(stories_model_dir):
 
 # -- the masked paths ("merged" default, "separate") against a dense autograd reference ---------
 
-class _Store:
-    """A minimal ``mask_store`` (the protocol PartitionedMaskStore implements under ZeRO-3)."""
-
-    def __init__(self):
-        self.masks, self.calls = {}, 0
-
-    def keep(self, layer):
-        self.calls += 1
-        return self.masks.get(id(layer))
-
-    def set(self, layer, keep):
-        self.masks[id(layer)] = keep
-
-    def keep_fn(self, layer):
-        return lambda: self.keep(layer)
-
-
 # (model dtype, adapter dtype): fp32; a bf16 model with fp32 adapters (one process); all bf16
 # (DeepSpeed bf16 casts the adapters too)
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16-model": (torch.bfloat16, torch.float32),
@@ -229,7 +213,7 @@ def _typed_layer(dtypes, path, store, out_f=40, in_f=24, rank=5, bias=True):
     layer.lora_A.data = layer.lora_A.data.to(a_dtype)
     layer.lora_B.data = layer.lora_B.data.to(a_dtype)
     if store:
-        layer.mask_store = _Store()
+        layer.mask_store = DictMaskStore()
     layer.set_keep_mask(keep)
     layer.set_rank(rank)
     layer.masked_path = path

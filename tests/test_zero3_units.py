@@ -308,27 +308,14 @@ def test_linear_warmup_factor_matches_hf():
 
 def test_mask_store_protocol_rebuilds_mask_in_backward():
     from losa_zero.lora import SparseLoRALinear
-
-    class Store:
-        def __init__(self):
-            self.masks, self.calls = {}, 0
-
-        def keep(self, layer):
-            self.calls += 1
-            return self.masks.get(id(layer))
-
-        def set(self, layer, keep):
-            self.masks[id(layer)] = keep
-
-        def keep_fn(self, layer):
-            return lambda: self.keep(layer)
+    from zero3_helpers import DictMaskStore
 
     torch.manual_seed(0)
     w = torch.randn(6, 5)
     keep = torch.rand(6, 5) < 0.5
     plain = SparseLoRALinear(torch.nn.Parameter(w * keep), None, 4, 2.0, rank=3, init_seed=1)
     stored = SparseLoRALinear(torch.nn.Parameter(w * keep), None, 4, 2.0, rank=3, init_seed=1)
-    store = Store()
+    store = DictMaskStore()
     stored.mask_store = store
     plain.set_keep_mask(keep)
     stored.set_keep_mask(keep)

@@ -143,3 +143,22 @@ def launch(config: Path, overrides: list[str], nproc: int, tmp: Path, log: Path,
 
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+class DictMaskStore:
+    """A minimal ``mask_store`` (the protocol PartitionedMaskStore implements under ZeRO-3):
+    masks in a dict, counting reads, and ``keep_fn`` rebuilding the mask when called (in
+    backward)."""
+
+    def __init__(self):
+        self.masks, self.calls = {}, 0
+
+    def keep(self, layer):
+        self.calls += 1
+        return self.masks.get(id(layer))
+
+    def set(self, layer, keep):
+        self.masks[id(layer)] = keep
+
+    def keep_fn(self, layer):
+        return lambda: self.keep(layer)
