@@ -115,12 +115,9 @@ def peak_rss_bytes() -> int:
     since exec. Not ``ru_maxrss``: across fork + exec the kernel carries the parent's RSS at
     fork time into the child's ``ru_maxrss``, so a child of a large parent (a benchmark
     driver holding a model) would report the parent's size. Elsewhere: ``ru_maxrss`` (KiB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -188,15 +185,21 @@ def this_command() -> str:
     return " ".join(["python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 
 
-def rss_bytes() -> int:
-    """This process's current resident memory (Linux /proc; 0 where unavailable)."""
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory field of /proc/self/status (``VmHWM``, ``VmRSS``; kB there) in bytes, or None
+    where /proc is absent."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's current resident memory (Linux /proc; 0 where unavailable)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def reset_peak_rss() -> bool:
