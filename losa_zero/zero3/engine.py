@@ -38,6 +38,11 @@ from ..finetune import adapter_parameters, make_optimizer
 log = logging.getLogger("losa_zero")
 
 
+def _inner_attribute(name: str) -> property:
+    """A property reading and writing ``self.inner.<name>``."""
+    return property(lambda self: getattr(self.inner, name), lambda self, value: setattr(self.inner, name, value))
+
+
 class ExactClipOptimizer(torch.optim.Optimizer):
     """Wraps the client optimizer DeepSpeed steps on each rank's flat fp32 partition:
     clips by the global gradient norm, computed as a float64 sum of squares all-reduced over
@@ -53,29 +58,10 @@ class ExactClipOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
 
-    @property
-    def param_groups(self):
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.inner.param_groups = value
-
-    @property
-    def state(self):
-        return self.inner.state
-
-    @state.setter
-    def state(self, value):
-        self.inner.state = value
-
-    @property
-    def defaults(self):
-        return self.inner.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.inner.defaults = value
+    # DeepSpeed reads and reassigns these on the optimizer it holds: forward both ways.
+    param_groups = _inner_attribute("param_groups")
+    state = _inner_attribute("state")
+    defaults = _inner_attribute("defaults")
 
     def __getstate__(self):
         return self.inner.__getstate__()
