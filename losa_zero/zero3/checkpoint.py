@@ -64,7 +64,8 @@ _TAG = re.compile(r"^ckpt-(\d{3,})-(\d{6,})$")
 #: defines the computation and must match)
 RESUME_MAY_CHANGE = {
     "out", "overwrite", "ppl", "eval_seqlen", "device", "deepspeed", "checkpoint_dir", "checkpoint_every",
-    "keep_checkpoints", "resume", "export_shard_size", "dist_backend", "gradient_checkpointing",
+    "keep_checkpoints", "resume", "export_shard_size", "dist_backend", "dist_timeout_minutes",
+    "gradient_checkpointing",
     "micro_batch_size", "calib_batch_size", "eval_batch_size",
 }
 

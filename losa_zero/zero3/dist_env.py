@@ -6,6 +6,12 @@ NCCL on GPU, gloo on CPU. Under SLURM and MPI the rendezvous address must be rea
 every rank: MASTER_ADDR defaults to the first host of the SLURM allocation
 (``scontrol show hostnames``), and MASTER_PORT to a port derived from the job id; set both
 explicitly for MPI outside SLURM.
+
+The GPU of a process is chosen from what the process can see, not from its launcher's local
+rank alone: ``srun --gpus-per-task 1`` (or ``--gpu-bind``, or a CUDA_VISIBLE_DEVICES wrapper
+around mpirun) leaves one visible device per task while SLURM_LOCALID still runs 0..7.
+:func:`pick_device` is the one rule, and ``LOCAL_RANK`` is rewritten to the chosen index
+because DeepSpeed's ``zero.Init`` and engine take their device from ``LOCAL_RANK``.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -28,6 +35,7 @@ class DistEnv:
     launcher: str
     backend: str
     device: torch.device
+    device_note: str = ""
 
 
 def _first(env: dict, *names: str) -> str | None:
@@ -99,18 +107,73 @@ def detect(env: dict | None = None) -> tuple[int, int, int, str]:
     return rank, world, local, launcher
 
 
-def init_distributed(backend: str = "auto") -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (idempotent)."""
+@dataclass(frozen=True)
+class DevicePick:
+    index: int | None  # CUDA index inside this process's visible devices; None: CPU
+    note: str          # one line for the log: which device and why
+
+
+def pick_device(env: dict, visible: int) -> DevicePick:
+    """The CUDA device of this process from the launcher's local rank (``env`` after
+    :func:`detect`, so ``LOCAL_RANK`` is set) and the number of devices it can see.
+
+    - none visible: CPU;
+    - one visible (``srun --gpus-per-task 1``, ``--gpu-bind=single:1``, a per-rank
+      CUDA_VISIBLE_DEVICES): that one, whatever the local rank;
+    - several: local rank modulo their number (torchrun, the deepspeed launcher, srun or
+      mpirun with every GPU of the node visible to every task; with fewer GPUs than
+      tasks per node, NCCL refuses the shared device at init).
+    """
+    local = int(env.get("LOCAL_RANK") or 0)
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    if visible < 1:
+        why = f"CUDA_VISIBLE_DEVICES={listed!r}" if listed is not None else "no CUDA device"
+        return DevicePick(None, f"cpu ({why})")
+    index = 0 if visible == 1 else local % visible
+    physical = ""
+    if listed:
+        ids = [x.strip() for x in listed.split(",") if x.strip()]
+        if index < len(ids):
+            physical = f", CUDA_VISIBLE_DEVICES entry {ids[index]}"
+    rule = "the one visible device" if visible == 1 else f"local rank {local} mod {visible} visible devices"
+    return DevicePick(index, f"cuda:{index} ({rule}{physical})")
+
+
+def adopt_device(env: dict, pick: DevicePick) -> None:
+    """Make DeepSpeed see the chosen device: its ``zero.Init`` and engine read ``LOCAL_RANK``
+    as a CUDA index, and its engine asserts ``LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK``
+    under Open MPI. The launcher's own local rank stays in ``LOSA_ZERO_LAUNCHER_LOCAL_RANK``."""
+    if pick.index is None:
+        return
+    env.setdefault("LOSA_ZERO_LAUNCHER_LOCAL_RANK", env.get("LOCAL_RANK", "0"))
+    env["LOCAL_RANK"] = str(pick.index)
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in env:
+        env["OMPI_COMM_WORLD_LOCAL_RANK"] = str(pick.index)
+
+
+def check_timeout(minutes: float) -> timedelta:
+    if not minutes or minutes <= 0:
+        raise LosaZeroError(f"dist_timeout_minutes must be > 0 (got {minutes}): collectives wait this long for a slow rank")
+    return timedelta(minutes=minutes)
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 60.0) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (idempotent). ``timeout_minutes``
+    bounds how long a collective waits for the slowest rank (torch's default of 10 minutes
+    is shorter than one rank writing a large checkpoint shard to shared storage)."""
     import deepspeed
     import torch.distributed as dist
 
+    timeout = check_timeout(timeout_minutes)
     rank, world, local, launcher = detect()
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+    pick = pick_device(os.environ, torch.cuda.device_count() if use_cuda else 0)
+    if pick.index is not None:
+        adopt_device(os.environ, pick)
+        torch.cuda.set_device(pick.index)  # before init: NCCL binds the communicator to it
+        device = torch.device("cuda", pick.index)
     else:
         device = torch.device("cpu")
     if not use_cuda and not os.environ.get("LOSA_ZERO_BUILD_SHM_OP"):
@@ -122,5 +185,6 @@ def init_distributed(backend: str = "auto") -> DistEnv:
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world)
-    return DistEnv(rank, world, local, launcher, backend, device)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world,
+                                   timeout=timeout)
+    return DistEnv(rank, world, local, launcher, backend, device, pick.note)

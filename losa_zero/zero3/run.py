@@ -95,7 +95,7 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    env = init_distributed(cfg.dist_backend)
+    env = init_distributed(cfg.dist_backend, cfg.dist_timeout_minutes)
     out = Path(cfg.out)
     ckpt_dir = cfg.checkpoint_path
     if out.exists() and not cfg.overwrite:
@@ -121,7 +121,8 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
     # model under deepspeed.zero.Init and loads each tensor straight into its shards.
     hf_ds = HfDeepSpeedConfig(ds_config)
     runtime = ZeroRuntime(env.device, ds_config, cfg.calib_batch_size, mask_device="cpu" if offload else None)
-    runtime.info(f"{env.world_size} rank(s) via {env.launcher}, backend {env.backend}, DeepSpeed config {ds_path}")
+    runtime.info(f"{env.world_size} rank(s) via {env.launcher}, backend {env.backend}, DeepSpeed config {ds_path}; "
+                 f"rank 0 on {env.device_note}")
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
     seconds["load"] = time.perf_counter() - t0
