@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from .data import collate
 from .errors import LosaZeroError
 from .lora import SparseLoRALinear
+from .optimizers import make_optimizer
 from .runtime import Runtime
 
 
@@ -28,19 +28,6 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(m, SparseLoRALinear):
             params += [m.lora_A, m.lora_B]
     return params
-
-
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """paged_adamw_8bit (released default), adamw_8bit (bitsandbytes) or torch AdamW."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
-
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
-    # On CPU bitsandbytes warns at every first step that paged memory is unavailable and
-    # falls back to plain 8-bit AdamW; that is expected there and not worth a warning per step.
-    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def linear_warmup_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):

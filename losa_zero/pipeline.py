@@ -22,6 +22,7 @@ from .finetune import MetricsWriter
 from .losa import Losa
 from .modeling import TARGET_LINEARS, decoder_layers, layer_linears, load_model, save_model
 from .outputs import atomic_output_dir, peak_memory, write_json_atomic
+from .optimizers import choose_optimizer
 from .owl import owl_outlier_ratios, owl_rates
 from .pruners import SparsityTarget
 from .runtime import Runtime
@@ -276,6 +277,7 @@ def run_losa(cfg: LosaConfig, command: str = "losa-zero losa") -> dict:
             "rank_allocation": cfg.rank_allocation, "target_sparsity": cfg.sparsity, "nm": None,
             "per_layer": [{k: v for k, v in layer.items()} for layer in history[-1]["layers"]],
             "steps": history,
+            "optimizer": choose_optimizer(cfg.optimizer, run.runtime.device.type).record(),
         }
         summary = run.finish(out_dir, summary)
     _log_summary(summary)

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LosaZeroError
-from ..finetune import adapter_parameters, make_optimizer
+from ..finetune import adapter_parameters
+from ..optimizers import choose_optimizer, make_optimizer
 
 log = logging.getLogger("losa_zero")
 
@@ -137,7 +138,11 @@ class ZeroTrainer:
         if getattr(cfg, "gradient_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = adapter_parameters(model)
-        inner = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        # With offload_optimizer DeepSpeed steps the client optimizer on the host's fp32 copy.
+        offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+        step_device = "cpu" if str(offload).lower() in ("cpu", "nvme") else runtime.device.type
+        self.optimizer_choice = choose_optimizer(cfg.optimizer, step_device)
+        inner = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay, step_device)
         self.optimizer = ExactClipOptimizer(inner, cfg.max_grad_norm)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         zopt = self.engine.optimizer
