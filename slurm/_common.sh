@@ -62,6 +62,7 @@ losa_settings() {
         export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
     fi
     [ "$NPROC_PER_NODE" -ge 1 ] 2>/dev/null || losa_die "NPROC_PER_NODE=$NPROC_PER_NODE: need at least 1 rank per node"
+    losa_comm_env
     if [ -z "${HOST_MEMORY_GB:-}" ]; then
         if [ -n "${SLURM_MEM_PER_NODE:-}" ] && [ "${SLURM_MEM_PER_NODE}" != 0 ]; then
             HOST_MEMORY_GB=$(awk -v m="$SLURM_MEM_PER_NODE" 'BEGIN {printf "%d", m * 1048576 / 1e9}')
@@ -87,6 +88,29 @@ losa_settings() {
     MODEL_OUT=$OUTPUT_DIR/model
     LOG_DIR=$OUTPUT_DIR/logs/job-$SLURM_JOB_ID-restart-$RESTART
     STOP_GRACE=${STOP_GRACE:-540}
+}
+
+# -- GPU memory and communication environment ----------------------------------------------------
+# Every variable below is read by the ranks, so it must reach them: srun (--export=ALL) and
+# torchrun pass the whole environment on; mpirun only what is named with -x (losa_passthrough).
+LOSA_PASS_RE='^(NCCL_[A-Z0-9_]+|TORCH_NCCL_[A-Z0-9_]+|GLOO_SOCKET_IFNAME|PYTORCH_CUDA_ALLOC_CONF|PYTORCH_ALLOC_CONF|CUDA_DEVICE_MAX_CONNECTIONS)$'
+
+losa_comm_env() {
+    if [ "$DEVICE" = gpu ]; then
+        # LoSA's phases allocate very different shapes (calibration batches, a gathered block,
+        # the pruning workspace, fine-tuning activations): expandable segments give freed
+        # memory back to the next phase instead of leaving it fragmented in fixed-size blocks
+        if [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}${PYTORCH_ALLOC_CONF:-}" ]; then
+            export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        fi
+        # NCCL prints nothing but its own errors by default; WARN adds why a communicator
+        # failed (which interface, which HCA) to the job's log at no cost
+        export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    fi
+}
+
+losa_passthrough() {  # names of the set variables matching LOSA_PASS_RE, one per line
+    compgen -e | grep -E "$LOSA_PASS_RE" || true
 }
 
 # -- the run config ------------------------------------------------------------------------------
@@ -202,6 +226,14 @@ losa_requeue() {
 losa_launch_cmd() {
     local train=("$LOSA_ZERO_HOME/train/losa.py" "$RUN_CONFIG")
     LAUNCH=()
+    # One task per GPU (LAUNCHER=srun / mpi through srun): each task gets its share of the
+    # node's cores, pinned (SRUN_CPU_BIND, default cores), and exactly one GPU
+    # (SRUN_GPU_BIND, default per_task:1: task i of a node sees the node's GPU i as its only
+    # device, which the ranks then take as cuda:0). The step keeps the job's GPUs
+    # (--gpus-per-node), so no --gpus-per-task request is needed.
+    local cpus_per_task=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))
+    local bind=(--cpus-per-task="$cpus_per_task" --cpu-bind="${SRUN_CPU_BIND:-cores}")
+    [ "$DEVICE" = gpu ] && bind+=(--gpu-bind="${SRUN_GPU_BIND:-per_task:1}")
     case "$LAUNCHER" in
         torchrun)
             # shellcheck disable=SC2054  # the commas belong to --signals-to-handle
@@ -215,19 +247,19 @@ losa_launch_cmd() {
                     "${train[@]}") ;;
         srun)
             LAUNCH=(srun --nodes="$NNODES" --ntasks-per-node="$NPROC_PER_NODE" --ntasks="$((NNODES * NPROC_PER_NODE))"
-                    --kill-on-bad-exit=1 --export=ALL
-                    --cpus-per-task="$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))"
-                    "$PYTHON" "${train[@]}") ;;
+                    --kill-on-bad-exit=1 --export=ALL "${bind[@]}" "$PYTHON" "${train[@]}") ;;
         mpi)
             if [ "$MPI_LAUNCHER" = mpirun ]; then
                 # mpirun starts its daemons through srun, whose SLURM_PROCID would name the node,
                 # not the rank: drop the step's SLURM rank variables so OMPI_COMM_WORLD_* count
+                local pass=() name
+                while read -r name; do [ -n "$name" ] && pass+=(-x "$name"); done < <(losa_passthrough)
                 LAUNCH=(mpirun -np "$((NNODES * NPROC_PER_NODE))" --map-by "ppr:$NPROC_PER_NODE:node"
-                        -x MASTER_ADDR -x MASTER_PORT -x PYTHONPATH -x OMP_NUM_THREADS -x DS_ACCELERATOR
+                        -x MASTER_ADDR -x MASTER_PORT -x PYTHONPATH -x OMP_NUM_THREADS -x DS_ACCELERATOR "${pass[@]}"
                         env -u SLURM_PROCID -u SLURM_LOCALID -u SLURM_NTASKS "$PYTHON" "${train[@]}")
             else
                 LAUNCH=(srun --mpi="${SRUN_MPI:-pmix}" --nodes="$NNODES" --ntasks-per-node="$NPROC_PER_NODE"
-                        --ntasks="$((NNODES * NPROC_PER_NODE))" --kill-on-bad-exit=1 --export=ALL
+                        --ntasks="$((NNODES * NPROC_PER_NODE))" --kill-on-bad-exit=1 --export=ALL "${bind[@]}"
                         "$PYTHON" "${train[@]}")
             fi ;;
         *) losa_die "LAUNCHER=$LAUNCHER: use torchrun, srun or mpi" ;;
@@ -242,6 +274,9 @@ losa_run() {
     "$PYTHON" -c 'import sys; from losa_zero import preemption; preemption.clear_marker(sys.argv[1])' "$CKPT_DIR"
     losa_launch_cmd
     losa_log "launch ($LAUNCHER, $NNODES node(s) x $NPROC_PER_NODE, rendezvous $MASTER_ADDR:$MASTER_PORT): ${LAUNCH[*]}"
+    local name passed=()
+    while read -r name; do [ -n "$name" ] && passed+=("$name=${!name}"); done < <(losa_passthrough)
+    losa_log "passed to the ranks: ${passed[*]:-(no NCCL / allocator variables set)}"
     "${LAUNCH[@]}" &
     LOSA_CHILD=$!
     local rc

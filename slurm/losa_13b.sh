@@ -29,6 +29,13 @@
 #   LAUNCHER         torchrun (one per node, c10d rendezvous on the first node; default), srun (one
 #                    task per GPU, ranks from SLURM_PROCID), mpi (srun --mpi=$SRUN_MPI, default pmix;
 #                    MPI_LAUNCHER=mpirun for mpirun)
+#   SRUN_CPU_BIND    --cpu-bind of each task (LAUNCHER=srun or mpi via srun)   default: cores
+#   SRUN_GPU_BIND    --gpu-bind of each task on GPU jobs (same launchers)       default: per_task:1
+#                    (one GPU per task; the rank uses the one device it sees)
+#   PYTORCH_CUDA_ALLOC_CONF  default on GPU jobs: expandable_segments:True (kept when set)
+#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG (default on GPU jobs: WARN), any NCCL_* / TORCH_NCCL_*,
+#   GLOO_SOCKET_IFNAME
+#                    passed to every rank (by name with -x for mpirun) and logged at launch
 #   MASTER_ADDR      rendezvous host                 default: NodeAddr of the first allocated node
 #   MASTER_PORT      rendezvous port                 default: 20000 + job id % 20000
 #   PYTHON           interpreter with losa-zero installed                    default: python3

@@ -38,7 +38,7 @@ def node_tasks(launch: str, node: int = 0, per_node: int = 8, nodes: int = 2) ->
         elif launch.startswith("srun"):
             e = {"SLURM_PROCID": rank, "SLURM_NTASKS": world, "SLURM_LOCALID": local, "SLURM_JOB_ID": 77,
                  "MASTER_ADDR": "n0", "MASTER_PORT": 29500}
-            if launch == "srun-gpus-per-task":     # --gpus-per-task 1, device cgroups off: the real index
+            if launch == "srun-gpus-per-task":     # --gpus-per-task 1 or --gpu-bind=per_task:1 (slurm/_common.sh)
                 e["CUDA_VISIBLE_DEVICES"] = str(local)
             elif launch == "srun-gpus-per-task-cgroup":  # ConstrainDevices=yes renumbers the one GPU to 0
                 e["CUDA_VISIBLE_DEVICES"] = "0"
