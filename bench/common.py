@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from losa_zero.outputs import cpu_model  # noqa: F401 - re-exported for the bench scripts
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
@@ -37,16 +39,6 @@ def describe_shape(shape: str) -> str:
 
 def median(xs) -> float:
     return float(statistics.median(list(xs)))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def total_memory_gib() -> float:

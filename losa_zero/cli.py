@@ -104,6 +104,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from .kernels.bench_speed import run_bench_speed_cli
+
+    return run_bench_speed_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="losa-zero", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -151,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json, optionally metrics.jsonl)")
     p.add_argument("--out", default="report", help="report directory (default: ./report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench-speed", help="generation tokens/s and per-linear times, sparse kernel against dense")
+    p.add_argument("model", nargs="?", default=None, help="a pruned model directory (omit with --layers-only)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--repeats", type=int, default=3, help="generation repeats (median)")
+    p.add_argument("--layer-repeats", type=int, default=20, help="repeats per linear timing (median)")
+    p.add_argument("--patterns", default="50%%,60%%,70%%,80%%,2:4", help="LLaMA-7B-shaped layer sparsities")
+    p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="out x in of the LLaMA-7B-shaped layers")
+    p.add_argument("--no-layers", action="store_true", help="skip the LLaMA-7B-shaped layers")
+    p.add_argument("--layers-only", action="store_true", help="only the LLaMA-7B-shaped layers (no model)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the GPU paths (Triton bitmask, 2:4)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=cmd_bench_speed)
 
     p = sub.add_parser("demo", help="convert stories260K, run one-shot Wanda and LoSA at 70%%, print the table")
     p.add_argument("--data", default=None, help="fixture folder (default: $LOSA_ZERO_DATA)")

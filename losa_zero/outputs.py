@@ -124,3 +124,16 @@ def memory_now() -> dict:
             current = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_bytes": int(rss) if sys.platform == "darwin" else int(rss) * 1024, "rss_bytes": current}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for benchmark headers."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
