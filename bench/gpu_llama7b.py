@@ -19,14 +19,21 @@ Run it on the device machine with one command (about 5 minutes on an H100):
 
 ``--shape tiny --device cpu --dtype float32`` runs parts 1-3 on a small model on the CPU (the
 test suite does this so the script cannot rot); part 4 needs CUDA.
+
+Each part runs in its own try block and prints its table as soon as it ends, so a failure
+(or the device time running out) in one part keeps the others' numbers; ``--json FILE``
+keeps every finished part's numbers (rewritten after each part), which
+``bench/gpu_acceptance.py`` reads.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -40,6 +47,7 @@ from losa_zero.finetune import LocalTrainer  # noqa: E402
 from losa_zero.losa import attach_sparse_lora  # noqa: E402
 from losa_zero.lora import SparseLoRALinear  # noqa: E402
 from losa_zero.modeling import TARGET_LINEARS, decoder_layers, layer_linears  # noqa: E402
+from losa_zero.optimizers import choose_optimizer  # noqa: E402
 from losa_zero.pruners import SparsityTarget, get_pruner, nm_keep  # noqa: E402
 from losa_zero.runtime import Runtime  # noqa: E402
 
@@ -161,12 +169,9 @@ def time_finetune(model: nn.Module, args, device: torch.device) -> dict:
                 m.lora_B.normal_(0, 0.01)  # a non-zero update, so nothing is skipped
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    optimizer = args.optimizer
-    if optimizer != "adamw":
-        import importlib.util
-        if importlib.util.find_spec("bitsandbytes") is None:
-            optimizer = "adamw"
-    trainer = LocalTrainer(model, optimizer, 2e-4, 0.001, 0.3)
+    # the run's own choice: the requested optimizer, or AdamW where bitsandbytes cannot step here
+    optimizer = choose_optimizer(args.optimizer, device.type).used
+    trainer = LocalTrainer(model, args.optimizer, 2e-4, 0.001, 0.3)
     trainer.begin()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -239,7 +244,7 @@ def time_inference(model: nn.Module, args, device: torch.device) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--device", default="cuda")
@@ -259,88 +264,161 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-inference", action="store_true", help="leave out part 4 (2:4 kernels)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (default: by name)")
+    ap.add_argument("--json", default=None, help="also write every finished part's numbers here (after each part)")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is visible: run on a GPU machine or pass --device cpu --shape tiny")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return ap.parse_args(argv)
 
-    model = build_model(args.shape, dtype, device)
-    n_layers = model.config.num_hidden_layers
-    print(f"model {args.shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}, "
-          f"{dev_name}", file=sys.stderr, flush=True)
-    prune = time_pruning(model, args, device)
-    ft = time_finetune(model, args, device)
-    del model
+
+def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # Projection of the published recipe from the measured pieces (method doc section 5):
-    # dense targets once (one calibration forward per block), then per step CKA on the dense
-    # model's 128 sequences (forward per block) and one pruning pass, then fine-tuning.
+
+def prune_table(prune: dict, args) -> str:
+    return markdown_table(
+        ["pruner", "capture s", "calibration forward s/block", "calibration + prune s/block"],
+        [[n, p["capture_s"], p["forward_block_s"], p["prune_block_s"]] for n, p in prune.items()]) + (
+        f"\n\n{args.nsamples} x {args.seqlen} calibration tokens, batch {args.calib_batch_size}, medians over "
+        f"{args.blocks} blocks; 50% unstructured.\n")
+
+
+def finetune_table(ft: dict, args) -> str:
+    mfu = f"{ft['mfu']:.3f}" if ft["mfu"] is not None else "n/a (unknown peak)"
+    peak = f"{ft['peak_gpu_gib']:.1f}" if ft["peak_gpu_gib"] is not None else "n/a"
+    return markdown_table(
+        ["fine-tuning", "tokens/s", "s/step", "MFU", "peak GPU GiB"],
+        [[f"sparse LoRA r{args.rank}/16, 70% masks, batch {args.ft_batch}x{args.ft_seqlen}, {ft['optimizer']}, "
+          f"dropout {args.lora_dropout}", ft["tokens_per_s"], ft["step_s"], mfu, peak]]) + (
+        "\n\nMFU counts forward + input-gradient FLOPs of the frozen model, 2 x (2 x linear parameters "
+        "+ 4 x layers x seqlen x hidden) per token, against the device's dense bf16 peak "
+        f"({ft['peak_tflops'] or 'unknown'} TFLOP/s); median of {args.ft_steps} steps after "
+        f"{args.ft_warmup} warm-up steps. The masked LoRA products are extra work, not counted.\n")
+
+
+def projection_table(prune: dict, ft: dict, n_layers: int) -> tuple[dict, str]:
+    """The published recipe's time from the measured pieces (method doc section 5): dense
+    targets once (one calibration forward per block), then per step CKA on the dense model's
+    128 sequences (forward per block) and one pruning pass, then fine-tuning."""
     fwd = prune["wanda"]["forward_block_s"]
-    tokens = RECIPE_SAMPLES * RECIPE_MAX_LEN
-    finetune_s = tokens / ft["tokens_per_s"]
+    finetune_s = RECIPE_SAMPLES * RECIPE_MAX_LEN / ft["tokens_per_s"]
     projection = {}
     for name in ("wanda", "sparsegpt"):
         prep = n_layers * fwd + RECIPE_STEPS * n_layers * (fwd + prune[name]["prune_block_s"])
         projection[name] = {"prune_min": prep / 60, "finetune_min": finetune_s / 60,
                             "total_min": (prep + finetune_s) / 60}
-
-    infer = None
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        model = build_model(args.shape, dtype, device)
-        prune_2_4(model)
-        x = torch.randint(0, VOCAB, (1, 256), device=device)
-        with torch.no_grad():
-            ref = model(input_ids=x).logits.float()
-        dense = time_inference(model, args, device)
-        to_semi_structured(model)
-        with torch.no_grad():
-            err = ((model(input_ids=x).logits.float() - ref).norm() / ref.norm()).item()
-        sparse = time_inference(model, args, device)
-        infer = {"dense": dense, "sparse": sparse, "rel_err": err}
-
-    body = [f"Random LLaMA `{args.shape}` ({n_layers} blocks), {args.dtype}, on {dev_name}.", ""]
-    body.append(markdown_table(
-        ["pruner", "capture s", "calibration forward s/block", "calibration + prune s/block"],
-        [[n, p["capture_s"], p["forward_block_s"], p["prune_block_s"]] for n, p in prune.items()]))
-    body.append(f"\n{args.nsamples} x {args.seqlen} calibration tokens, batch {args.calib_batch_size}, medians over "
-                f"{args.blocks} blocks; 50% unstructured.\n")
-    mfu = f"{ft['mfu']:.3f}" if ft["mfu"] is not None else "n/a (unknown peak)"
-    peak = f"{ft['peak_gpu_gib']:.1f}" if ft["peak_gpu_gib"] is not None else "n/a"
-    body.append(markdown_table(
-        ["fine-tuning", "tokens/s", "s/step", "MFU", "peak GPU GiB"],
-        [[f"sparse LoRA r{args.rank}/16, 70% masks, batch {args.ft_batch}x{args.ft_seqlen}, {ft['optimizer']}, "
-          f"dropout {args.lora_dropout}", ft["tokens_per_s"], ft["step_s"], mfu, peak]]))
-    body.append("\nMFU counts forward + input-gradient FLOPs of the frozen model, 2 x (2 x linear parameters "
-                "+ 4 x layers x seqlen x hidden) per token, against the device's dense bf16 peak "
-                f"({ft['peak_tflops'] or 'unknown'} TFLOP/s); median of {args.ft_steps} steps after "
-                f"{args.ft_warmup} warm-up steps. The masked LoRA products are extra work, not counted.\n")
-    body.append(markdown_table(
+    text = markdown_table(
         ["projected 7B recipe (T=5, 10K x <=1024 tokens)", "calibration + CKA + pruning min", "fine-tuning min",
          "total min", "paper (fine-tuning, one A100)"],
-        [[n, p["prune_min"], p["finetune_min"], p["total_min"], PAPER_MINUTES] for n, p in projection.items()]))
-    body.append("\nThe projection assumes every sample is 1,024 tokens long (an upper bound; Alpaca-GPT4 "
-                "samples are shorter) and takes the per-block times above for all blocks.\n")
-    if infer:
-        rows = [[k, infer["dense"][k], infer["sparse"][k], infer["sparse"][k] / infer["dense"][k]] for k in infer["dense"]]
-        body.append(markdown_table(["2:4 inference", "dense", "2:4 semi-structured", "speedup"], rows))
-        body.append(f"\nLogits of the semi-structured model against the same 2:4 weights run dense: relative "
-                    f"error {infer['rel_err']:.2e}.\n")
+        [[n, p["prune_min"], p["finetune_min"], p["total_min"], PAPER_MINUTES] for n, p in projection.items()])
+    text += ("\n\nThe projection assumes every sample is 1,024 tokens long (an upper bound; Alpaca-GPT4 "
+             "samples are shorter) and takes the per-block times above for all blocks.\n")
+    return projection, text
+
+
+def run_inference(args, dtype: torch.dtype, device: torch.device) -> dict:
+    model = build_model(args.shape, dtype, device)
+    prune_2_4(model)
+    x = torch.randint(0, VOCAB, (1, 256), device=device)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits.float()
+    dense = time_inference(model, args, device)
+    to_semi_structured(model)
+    with torch.no_grad():
+        err = ((model(input_ids=x).logits.float() - ref).norm() / ref.norm()).item()
+    sparse = time_inference(model, args, device)
+    return {"dense": dense, "sparse": sparse, "rel_err": err}
+
+
+def inference_table(infer: dict) -> str:
+    rows = [[k, infer["dense"][k], infer["sparse"][k], infer["sparse"][k] / infer["dense"][k]] for k in infer["dense"]]
+    return markdown_table(["2:4 inference", "dense", "2:4 semi-structured", "speedup"], rows) + (
+        f"\n\nLogits of the semi-structured model against the same 2:4 weights run dense: relative "
+        f"error {infer['rel_err']:.2e}.\n")
+
+
+def run(args) -> tuple[dict, list[str]]:
+    """Every part in its own try block; each table is printed (and --json rewritten) as soon
+    as its part ends. Returns the numbers and the Markdown sections, failures included."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results: dict = {"device": dev_name, "shape": args.shape, "dtype": args.dtype, "parts": {}, "errors": {}}
+    sections = [f"Random LLaMA `{args.shape}`, {args.dtype}, on {dev_name}.\n"]
+
+    def done(part: str, value, text: str) -> None:
+        results["parts"][part] = value
+        sections.append(text)
+        print(f"\n[{part}]\n{text}", flush=True)
+        save()
+
+    def failed(part: str, exc: BaseException) -> None:
+        results["errors"][part] = f"{type(exc).__name__}: {exc}"
+        sections.append(f"{part}: failed ({type(exc).__name__}: {exc})\n")
+        print(f"\n[{part}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+        traceback.print_exc()
+        save()
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+    model = n_layers = prune = ft = None
+    try:
+        model = build_model(args.shape, dtype, device)
+        n_layers = model.config.num_hidden_layers
+        results["parameters"] = sum(p.numel() for p in model.parameters())
+        print(f"model {args.shape}: {results['parameters'] / 1e9:.2f}B parameters, {args.dtype}, {dev_name}",
+              file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported, the remaining parts still run
+        failed("model", exc)
+    if model is not None:
+        try:
+            prune = time_pruning(model, args, device)
+            done("pruning", prune, prune_table(prune, args))
+        except Exception as exc:  # noqa: BLE001
+            failed("pruning", exc)
+        try:
+            ft = time_finetune(model, args, device)
+            done("finetune", ft, finetune_table(ft, args))
+        except Exception as exc:  # noqa: BLE001
+            failed("finetune", exc)
+    model = None
+    free(device)
+    if prune is not None and ft is not None:
+        try:
+            projection, text = projection_table(prune, ft, n_layers)
+            done("projection", projection, text)
+        except Exception as exc:  # noqa: BLE001
+            failed("projection", exc)
+    if args.skip_inference:
+        sections.append("2:4 semi-structured kernels: not run (--skip-inference).\n")
+    elif device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        try:
+            infer = run_inference(args, dtype, device)
+            done("inference_2_4", infer, inference_table(infer))
+        except Exception as exc:  # noqa: BLE001
+            failed("inference_2_4", exc)
+        free(device)
     else:
-        body.append("2:4 semi-structured kernels: not run (they need a CUDA device and bf16/fp16).\n")
-    text = "\n".join(body)
-    if args.no_record:
-        print(text)
-    else:
-        append_benchmark(f"GPU: LLaMA-2-7B shapes, pruning, fine-tuning, 2:4 inference ({dev_name})",
-                         this_command(), machine_header(device=dev_name), text)
+        sections.append("2:4 semi-structured kernels: not run (they need a CUDA device and bf16/fp16).\n")
+        print(sections[-1], flush=True)
+    return results, sections
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible: run on a GPU machine or pass --device cpu --shape tiny")
+    results, sections = run(args)
+    if not args.no_record and results["parts"]:
+        append_benchmark(f"GPU: LLaMA-2-7B shapes, pruning, fine-tuning, 2:4 inference ({results['device']})",
+                         this_command(), machine_header(device=results["device"]), "\n".join(sections))
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

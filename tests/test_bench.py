@@ -31,16 +31,79 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
     return rows
 
 
+def load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model():
-    out = run_bench("gpu_llama7b.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--nsamples", "4",
-                    "--seqlen", "64", "--blocks", "2", "--ft-batch", "2", "--ft-seqlen", "64", "--ft-steps", "2",
-                    "--ft-warmup", "1", "--no-record")
-    # The first table has one row per pruner (the projection table repeats the names later).
-    prune = {name: [float(x) for x in table_rows(out, name)[0][1:]] for name in ("wanda", "sparsegpt")}
-    # Pruning a block includes its calibration forward, so it cannot be cheaper than that.
-    for name, (capture, forward, prune_block) in prune.items():
+def test_gpu_acceptance_cpu_smoke(tmp_path):
+    """bench/gpu_acceptance.py --cpu-smoke: all three parts on tiny sizes. (b) must really pass
+    (a SIGKILLed and resumed fp32 ZeRO-3 run equals the uninterrupted one bit for bit); (a)
+    must compare every CLI run on both sides; (c) runs bench/gpu_llama7b.py, whose tables are
+    checked here too."""
+    import json
+
+    out = tmp_path / "acc"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_acceptance.py"), "--cpu-smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=2400, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path / "ignored")})
+    text = proc.stdout
+    assert "(a) fixture CLI" in text and "(b) ZeRO-3 train" in text and "(c) 7B-shape" in text, proc.stderr[-3000:]
+    summary = json.loads((out / "acceptance.json").read_text())
+    assert set(summary["parts"]) == {"a", "b", "c"}
+    for key in "abc":
+        assert (out / f"part_{key}.md").read_text().startswith(f"## ({key})")
+    assert json.loads((out / "environment.json").read_text())["mode"] == "cpu-smoke"
+
+    a = json.loads((out / "part_a.json").read_text())["results"]
+    runs = {label for side in a.values() for label in side}
+    assert len(a) == 2 and {"dense", "wanda 2:4", "sparsegpt 50%", "LoSA 70% (wanda, quick)"} <= runs
+    for side in a.values():
+        for label, r in side.items():
+            assert "error" not in r, (label, r)
+            assert 1 < r["ppl"] < 1e4
+    b = json.loads((out / "part_b.json").read_text())
+    assert b["ok"] and b["bitwise"] and b["same_pattern"], b.get("error")
+    assert b["killed_at"] >= 9 and b["summaries"]["resumed"]["resumed_from"]
+    assert b["summaries"]["resumed"]["optimizer"]["used"] == "paged_adamw_8bit"
+    c = json.loads((out / "part_c.json").read_text())
+    assert c["ok"], c.get("error")
+
+    log = (out / "part_c_llama7b.log").read_text()
+    prune = {name: [float(x) for x in table_rows(log, name)[0][1:]] for name in ("wanda", "sparsegpt")}
+    for name, (capture, forward, prune_block) in prune.items():   # pruning a block includes its forward
         assert 0 < forward < prune_block, (name, forward, prune_block)
-    ft = table_rows(out, "sparse LoRA")
+    ft = table_rows(log, "sparse LoRA")
     assert len(ft) == 1 and float(ft[0][1]) > 0
-    assert re.search(r"2:4 semi-structured kernels: not run", out)
+    assert re.search(r"2:4 semi-structured kernels: not run", log)
+
+
+def test_acceptance_comparisons_catch_disagreements():
+    import torch
+
+    acc = load_bench("gpu_acceptance")
+    labels = [("dense", "eval"), ("wanda 50%", "prune"), ("LoSA", "losa")]
+    ref = {"dense": {"ppl": 4.0, "sparsity": 0.0}, "wanda 50%": {"ppl": 20.0, "sparsity": 0.5},
+           "LoSA": {"ppl": 12.0, "sparsity": 0.7}}
+    close = {"dense": {"ppl": 4.04, "sparsity": 0.0}, "wanda 50%": {"ppl": 20.4, "sparsity": 0.5},
+             "LoSA": {"ppl": 12.5, "sparsity": 0.7}}
+    assert acc.compare_fixture_runs(close, ref, labels)[0]
+    for label, bad in (("wanda 50%", {"ppl": 21.0, "sparsity": 0.5}),        # 5% off a one-shot run
+                       ("LoSA", {"ppl": 12.0, "sparsity": 0.69}),            # other sparsity
+                       ("dense", {"error": "RuntimeError: CUDA error"})):    # crashed
+        ok, rows = acc.compare_fixture_runs({**close, label: bad}, ref, labels)
+        assert not ok and [r[-1] for r in rows if r[0] == label][0].startswith("FAIL")
+
+    w = {"a": torch.tensor([[0.0, 1.0], [2.0, 0.0]]), "b": torch.ones(3)}
+    assert acc.compare_weights(w, {k: v.clone() for k, v in w.items()}, 1e-5)["bitwise"]
+    nudged = {"a": w["a"] * (1 + 1e-3), "b": w["b"]}
+    r = acc.compare_weights(nudged, w, 1e-2)
+    assert r["ok"] and not r["bitwise"]
+    assert not acc.compare_weights(nudged, w, 1e-5)["ok"]
+    moved = {"a": torch.tensor([[1e-3, 1.0], [2.0, 0.0]]), "b": w["b"]}   # a pruned weight came back
+    assert not acc.compare_weights(moved, w, 1.0)["same_pattern"]

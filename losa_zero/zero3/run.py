@@ -228,6 +228,7 @@ def run_train(cfg: ZeroRunConfig, command: str = "losa-zero train", config_file:
         # ZeRO-3 additions
         "world_size": runtime.world_size,
         "launcher": env.launcher,
+        "backend": env.backend,
         "optimizer": trainer.optimizer_choice.record(),
         "deepspeed_config": str(ds_path),
         "peak_memory_per_rank": peaks,
