@@ -55,7 +55,9 @@ WEIGHT_RTOL = {"cuda": 2e-2, "cpu": 1e-5}
 # sizes: the full acceptance run, and the CPU smoke run of the test suite
 SIZES = {
     "gpu": {
+        "eval_chars": None,  # the demo's held-out split: the first 200,000 characters
         "oneshot": {"nsamples": 64, "seqlen": 512},
+        "prune": ["wanda 50%", "sparsegpt 50%", "wanda 2:4", "sparsegpt 2:4"],
         "losa": {"steps": 5, "nsamples": 32, "cka_nsamples": 16, "samples_per_step": 80,
                  "final_step_samples": 240},  # the demo's --quick
         "train": {"steps": 3, "nsamples": 32, "seqlen": 128, "cka_nsamples": 16, "samples_per_step": 160,
@@ -68,7 +70,9 @@ SIZES = {
         "budget": 480,
     },
     "smoke": {
+        "eval_chars": 20_000,
         "oneshot": {"nsamples": 8, "seqlen": 128},
+        "prune": ["wanda 50%", "sparsegpt 2:4"],
         "losa": {"steps": 2, "nsamples": 8, "cka_nsamples": 8, "samples_per_step": 16, "final_step_samples": 16,
                  "max_length": 128, "seqlen": 128, "eval_seqlen": 128},
         "train": {"steps": 2, "nsamples": 8, "seqlen": 64, "cka_nsamples": 8, "samples_per_step": 48,
@@ -140,7 +144,7 @@ def environment_report(smoke: bool) -> dict:
 
 
 # -- the fixture ------------------------------------------------------------------------------------
-def prepare_fixture(work: Path) -> dict:
+def prepare_fixture(work: Path, eval_chars: int | None = None) -> dict:
     from losa_zero.convert_llama2c import convert_llama2c
     from losa_zero.demo import EVAL_CHARS, RECIPE, fixture_paths
 
@@ -148,7 +152,7 @@ def prepare_fixture(work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     text = paths["tinystories"].read_text(encoding="utf-8")
     eval_txt, train_txt = work / "eval.txt", work / "train.txt"
-    eval_txt.write_text(text[:EVAL_CHARS], encoding="utf-8")
+    eval_txt.write_text(text[:eval_chars or EVAL_CHARS], encoding="utf-8")
     train_txt.write_text(text[EVAL_CHARS:], encoding="utf-8")
     dense = convert_llama2c(paths["checkpoint"], paths["tokenizer"], work / "dense", overwrite=True)
     return {"model": str(dense), "eval": str(eval_txt), "train": str(train_txt), "recipe": str(RECIPE)}
@@ -161,9 +165,10 @@ def fixture_runs(fx: dict, sizes: dict) -> list[tuple[str, str, list[str]]]:
     base = ["--model", fx["model"], "--calib", fx["train"], "--ppl", fx["eval"], "--nsamples", str(one["nsamples"]),
             "--seqlen", str(one["seqlen"]), "--overwrite"]
     runs = [("dense", "eval", ["eval", "--model", fx["model"], "--ppl", fx["eval"]])]
-    for method, label, extra in (("wanda", "50%", ["--sparsity", "0.5"]), ("sparsegpt", "50%", ["--sparsity", "0.5"]),
-                                 ("wanda", "2:4", ["--nm", "2:4"]), ("sparsegpt", "2:4", ["--nm", "2:4"])):
-        runs.append((f"{method} {label}", "prune", ["prune", "--method", method, *extra, *base]))
+    for name in sizes["prune"]:
+        method, label = name.split()
+        extra = ["--nm", label] if ":" in label else ["--sparsity", str(float(label.rstrip("%")) / 100)]
+        runs.append((name, "prune", ["prune", "--method", method, *extra, *base]))
     losa = ["losa", "--config", fx["recipe"], "--model", fx["model"], "--calib", fx["train"], "--train", fx["train"],
             "--ppl", fx["eval"], "--overwrite"]
     for key, value in sizes["losa"].items():
@@ -462,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{pkg} is not usable here ({env[pkg]}): {consequence[pkg]}")
     report = [f"# GPU acceptance ({env['mode']}) on {env['device']}", "",
               "environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    fx = prepare_fixture(out / "fixture")
-    summary = {"environment": env, "parts": {}}
     sizes = SIZES["smoke" if smoke else "gpu"]
+    fx = prepare_fixture(out / "fixture", sizes["eval_chars"])
+    summary = {"environment": env, "parts": {}}
     budget_end = started + (args.budget or sizes["budget"])
     for key in [p.strip() for p in args.parts.split(",") if p.strip()]:
         title, fn = PARTS[key]

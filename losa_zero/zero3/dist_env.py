@@ -127,8 +127,7 @@ def pick_device(env: dict, visible: int) -> DevicePick:
     local = int(env.get("LOCAL_RANK") or 0)
     listed = env.get("CUDA_VISIBLE_DEVICES")
     if visible < 1:
-        why = f"CUDA_VISIBLE_DEVICES={listed!r}" if listed is not None else "no CUDA device"
-        return DevicePick(None, f"cpu ({why})")
+        return DevicePick(None, "cpu (no CUDA device in use)")
     index = 0 if visible == 1 else local % visible
     physical = ""
     if listed:
