@@ -1,6 +1,6 @@
 """GPU acceptance run in one command: what a first GPU machine must show before users' runs.
 
-    python bench/gpu_acceptance.py                 # on a machine with one CUDA GPU, ~6-8 minutes
+    python bench/gpu_acceptance.py                 # one CUDA GPU; --budget (480 s) caps the parts
     python bench/gpu_acceptance.py --cpu-smoke     # the same logic on tiny sizes on the CPU (tests)
 
 Three parts, each in its own try block, each printing its table and writing
@@ -44,9 +44,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 
-#: perplexity agreement, CUDA bf16 against CPU fp32: rounding every weight and activation to
-#: bf16 (8 significant bits) moves the fixture's dense perplexity by well under 1%; pruning
-#: decisions near a threshold may flip; fine-tuning in bf16 compounds over its steps.
+#: perplexity agreement, CUDA bf16 against CPU fp32. bf16 keeps 8 significant bits (each
+#: rounding is off by up to 2^-9 relative), which shifts the mean log-likelihood a little;
+#: pruning decisions near a threshold may flip, and fine-tuning in bf16 compounds over its
+#: steps, hence the looser bounds. Chosen from that reasoning, not yet from a GPU run: the
+#: first run's measured differences (printed beside them) are the check on these bounds.
 PPL_RTOL = {"eval": 0.02, "prune": 0.03, "losa": 0.06}
 #: exported weights of the resumed run against the uninterrupted one (relative Frobenius
 #: distance per tensor): bf16 on GPU (atomics in attention backward may reorder sums), fp32 on CPU
