@@ -50,7 +50,7 @@ def test_gpu_acceptance_cpu_smoke(tmp_path):
 
     out = tmp_path / "acc"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_acceptance.py"), "--cpu-smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=2400, cwd=REPO,
+                          capture_output=True, text=True, timeout=6600, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path / "ignored")})
     text = proc.stdout
     assert "(a) fixture CLI" in text and "(b) ZeRO-3 train" in text and "(c) 7B-shape" in text, proc.stderr[-3000:]
