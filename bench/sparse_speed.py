@@ -46,6 +46,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (a smoke run)")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     ap.add_argument("--parts", default="fixture,random,layers", help="which parts to run")
+    ap.add_argument("--prompt-len", type=int, default=None, help="override the prompt length")
+    ap.add_argument("--new-tokens", type=int, default=None, help="override the generated tokens")
+    ap.add_argument("--repeats", type=int, default=None, help="override the generation repeats")
     args = ap.parse_args()
     import torch
 
@@ -56,6 +59,9 @@ def main() -> int:
     parts = args.parts.split(",")
     gen = dict(new_tokens=16, prompt_len=32, gen_repeats=1, layer_repeats=3) if args.quick else \
         dict(new_tokens=128, prompt_len=128, gen_repeats=3, layer_repeats=15)
+    for key, val in (("prompt_len", args.prompt_len), ("new_tokens", args.new_tokens), ("gen_repeats", args.repeats)):
+        if val is not None:
+            gen[key] = val
     work = Path(tempfile.mkdtemp(prefix="sparse-speed-"))
     fixture = convert_llama2c(data / "stories260K" / "stories260K.bin", data / "stories260K" / "tok512.model",
                               work / "stories260K")
