@@ -18,7 +18,7 @@ from losa_zero.convert_llama2c import convert_llama2c
 from losa_zero.demo import EVAL_CHARS, RECIPE, fixture_paths
 from losa_zero.evaluate import perplexity
 from losa_zero.modeling import load_model
-from losa_zero.pipeline import run_losa, run_prune
+from losa_zero.lifecycle import run_losa, run_prune
 
 
 def main() -> None:

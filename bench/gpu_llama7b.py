@@ -8,7 +8,7 @@ Measures, in one run on one GPU:
    paged 8-bit AdamW, activation checkpointing);
 3. the projected end-to-end time of the published 7B recipe (T = 5 steps, 10K samples of at
    most 1,024 tokens) from those measurements, against the paper's 45 minutes of
-   fine-tuning on one A100 80GB (method doc section 8);
+   fine-tuning on one A100 80GB (docs/method.md section 8);
 4. prefill and decode speed of a 2:4 model with PyTorch's semi-structured sparse kernels
    (``torch.sparse.to_sparse_semi_structured``) against the same model dense.
 
@@ -58,7 +58,7 @@ SHAPES = {
 VOCAB = 32000
 # Dense bf16 tensor-core peaks (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
-# The published 7B recipe (method doc sections 5 and 6) and its reported fine-tuning time.
+# The published 7B recipe (docs/method.md sections 5 and 6) and its reported fine-tuning time.
 RECIPE_STEPS, RECIPE_SAMPLES, RECIPE_MAX_LEN, PAPER_MINUTES = 5, 10_000, 1024, 45.0
 
 
@@ -299,7 +299,7 @@ def finetune_table(ft: dict, args) -> str:
 
 
 def projection_table(prune: dict, ft: dict, n_layers: int) -> tuple[dict, str]:
-    """The published recipe's time from the measured pieces (method doc section 5): dense
+    """The published recipe's time from the measured pieces (docs/method.md section 5): dense
     targets once (one calibration forward per block), then per step CKA on the dense model's
     128 sequences (forward per block) and one pruning pass, then fine-tuning."""
     fwd = prune["wanda"]["forward_block_s"]

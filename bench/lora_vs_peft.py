@@ -1,6 +1,6 @@
 """Training speed and peak memory of one LoRA fine-tuning step: peft's LoRA on the dense
 model against losa-zero's SparseLoRALinear on a 50%-pruned copy (the masked product of
-method doc section 1), side by side in one run.
+docs/method.md section 1), side by side in one run.
 
     python bench/lora_vs_peft.py                 # full run, appends to BENCHMARKS.md
     python bench/lora_vs_peft.py --quick --no-record

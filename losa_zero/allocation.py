@@ -1,6 +1,6 @@
 """LoSA's allocations: layer importance, layer-wise sparsity rates, schedules and ranks.
 
-Pure math on small tensors and lists (method doc §2-§5); the block loop gathers the
+Pure math on small tensors and lists (docs/method.md §2-§5); the block loop gathers the
 activations and all-reduces the sums. Everything here is deterministic (stable ties by
 layer index) so every rank computes the same allocation.
 """
@@ -39,7 +39,7 @@ def gram(x: Tensor) -> Tensor:
     """Gram matrix X X^T (float64, [n, n]) of ``n`` samples, each flattened to one row.
 
     Partial Grams over slices of the feature dimension add up to the full one, which is
-    how ranks holding different feature slices combine them (method doc §2).
+    how ranks holding different feature slices combine them (docs/method.md §2).
     """
     if x.dim() < 2:
         raise ValueError(f"gram expects [n, features...], got shape {tuple(x.shape)}")
@@ -105,7 +105,7 @@ def cka_matrix(grams: Sequence[Tensor]) -> Tensor:
 
 
 def rmi_importance(grams: Sequence[Tensor], beta: float) -> tuple[list[float], list[float]]:
-    """(importance, redundancy) per layer (method doc §2).
+    """(importance, redundancy) per layer (docs/method.md §2).
 
     Redundancy m_l = sum_{j != l} CKA(l, j), normalised to sum 1; importance
     I_l = exp(-beta * m_l): a layer resembling all others is redundant, so it gets low
@@ -296,11 +296,11 @@ class ReconstructionError:
         return float(ratio.sum()) / self.channels
 
 
-# --- mixed N:M (method doc §7): per-layer N from an allocation's importance ---------------
+# --- mixed N:M (docs/method.md §7): per-layer N from an allocation's importance ---------------
 
 def mixed_nm_allocation(importance, n_mean: float, m: int, n_min: int = 1, n_max: int | None = None) -> list[int]:
     """Per-layer N (weights kept in every M) with mean exactly ``n_mean``: more important
-    layers keep more weights (method doc §7, "mixed N per layer").
+    layers keep more weights (docs/method.md §7, "mixed N per layer").
 
     The integer counterpart of :func:`solve_layer_rates`: the exact optimum of
     max sum N_l I_l s.t. sum N_l = L n_mean, n_min <= N_l <= n_max, N_l integer. Start every

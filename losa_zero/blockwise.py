@@ -173,7 +173,7 @@ def sequential_prune(
 @torch.no_grad()
 def layer_input_grams(model: nn.Module, acts: Activations, runtime: Runtime, batch_size: int, n: int) -> list[torch.Tensor]:
     """Gram matrices (n x n, float64) of every decoder layer's input, each sequence flattened
-    to one row (method doc section 2). Uses the first ``n`` calibration sequences; ``acts``
+    to one row (docs/method.md section 2). Uses the first ``n`` calibration sequences; ``acts``
     must hold exactly those (callers pass a slice)."""
     grams = []
     layers = decoder_layers(model)
@@ -187,7 +187,7 @@ def layer_input_grams(model: nn.Module, acts: Activations, runtime: Runtime, bat
 @torch.no_grad()
 def dense_layer_outputs(model: nn.Module, acts: Activations, runtime: Runtime, batch_size: int) -> list[torch.Tensor]:
     """Outputs of every decoder layer of the (still dense) model: LoSA's reconstruction
-    targets D_l (method doc section 4), computed once. Kept on the activations' device."""
+    targets D_l (docs/method.md section 4), computed once. Kept on the activations' device."""
     outs = []
     layers = decoder_layers(model)
     for l in runtime.progress(range(len(layers)), desc="dense targets", unit="block"):
@@ -195,3 +195,23 @@ def dense_layer_outputs(model: nn.Module, acts: Activations, runtime: Runtime, b
             acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
         outs.append(runtime.keep_activation(l, acts.hidden))
     return outs
+
+
+class CalibrationInputs:
+    """This rank's share of the calibration sequences, and their block-0 inputs captured on
+    demand from the model as it is at the time of the call (each call a fresh copy, which
+    the block loops consume)."""
+
+    def __init__(self, model: nn.Module, calib_ids: torch.Tensor, runtime: Runtime, batch_size: int):
+        self.model, self.calib_ids, self.runtime, self.batch_size = model, calib_ids, runtime, batch_size
+
+    @property
+    def total(self) -> int:
+        """Calibration sequences over all ranks."""
+        return self.calib_ids.shape[0]
+
+    def capture(self, n: int | None = None) -> Activations:
+        """Inputs of this rank's share of the first ``n`` sequences (all for None)."""
+        n = self.total if n is None else min(n, self.total)
+        local = self.calib_ids[self.runtime.local_indices(n)]
+        return capture_inputs(self.model, local, self.runtime, self.batch_size)

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import LosaConfig, PruneConfig, build_config, load_yaml
+from .config import EvalConfig, LosaConfig, PruneConfig, build_config, load_yaml
 from .errors import LosaZeroError
 
 log = logging.getLogger("losa_zero")
@@ -63,14 +63,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import run_prune
+    from .lifecycle import run_prune
 
     run_prune(_config_from_args(PruneConfig, args), command=args.command_line)
     return 0
 
 
 def cmd_losa(args: argparse.Namespace) -> int:
-    from .pipeline import run_losa
+    from .lifecycle import run_losa
 
     run_losa(_config_from_args(LosaConfig, args), command=args.command_line)
     return 0
@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval_command import run_eval
 
-    run_eval(args)
+    run_eval(_config_from_args(EvalConfig, args))
     return 0
 
 
@@ -141,16 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-GPU / per-node memory of a ZeRO-3 LoSA run and whether it fits (exit 3 if not)")
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model directory")
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--ppl", default="", help="texts to score, comma-separated [text|jsonl|alpaca|wikitext2:]PATH")
-    p.add_argument("--seqlen", type=int, default=None, help="window length (default: the model's context length)")
-    p.add_argument("--tasks", default="", help="zero-shot tasks through lm-eval, comma-separated")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per zero-shot task")
-    p.add_argument("--tasks-data", default=None, help="folder of the zero-shot JSONL files (default: $LOSA_ZERO_DATA/lm-eval-slices)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    _add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="PNG plots and a Markdown report comparing run directories")

@@ -3,7 +3,7 @@
 The same field names are the CLI flags (``--samples-per-step``), the YAML recipe keys
 (``samples_per_step``) and, for the ZeRO-3 entry point, the run-config keys, so a run reads
 the same way everywhere. Precedence: dataclass default < YAML file (``--config``) <
-command-line flag. Defaults are the released LoSA hyperparameters (method doc section 6)
+command-line flag. Defaults are the released LoSA hyperparameters (docs/method.md section 6)
 unless a field's help says otherwise.
 """
 from __future__ import annotations
@@ -16,10 +16,34 @@ from typing import Any
 import yaml
 
 from .errors import LosaZeroError
+from .allocators import ALLOCATORS, mixed_nm_allocators
+from .modeling import DTYPES
+from .pruners import PRUNERS
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False):
     return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
+def check_fields(cfg) -> None:
+    """Required options given, choices respected: the checks every config shares."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("required") and value in (None, "", []):
+            raise LosaZeroError(f"missing required option --{f.name.replace('_', '-')}")
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise LosaZeroError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def check_model_dir(path: str) -> None:
+    if not Path(path).is_dir():
+        raise LosaZeroError(f"model directory not found: {path} (convert or download the model first)")
+
+
+def listing(help: str):
+    """A list option: comma-separated on the command line, a list or a string in YAML."""
+    return field(default_factory=list, metadata={"help": help})
 
 
 @dataclass
@@ -30,7 +54,7 @@ class CommonConfig:
     nsamples: int = opt(128, "calibration sequences")
     seqlen: int | None = opt(None, "calibration sequence length (default: min(2048, model context))")
     seed: int = opt(0, "seed for calibration windows, data order and LoRA init")
-    dtype: str = opt("float32", "weight dtype during the run", ("float32", "bfloat16", "float16"))
+    dtype: str = opt("float32", "weight dtype during the run", tuple(DTYPES))
     device: str = opt("auto", "torch device (auto: cuda if available)")
     calib_batch_size: int = opt(8, "sequences per block forward during calibration")
     rounding: str = opt("nearest", "per-linear pruned count: nearest to the rate (default) or the released int() per row",
@@ -51,40 +75,32 @@ class CommonConfig:
     besa_epochs: int = opt(1, "BESA: epochs over the calibration sequences per block, batch 1 (released: 1)")
     owl_m: float = opt(5.0, "OWL: a weight is an outlier when its Wanda score exceeds M times its layer's mean")
     owl_lambda: float = opt(0.08, "OWL: layer rates stay within target +- lambda")
-    ppl: list[str] = field(default_factory=list, metadata={"help": "texts to score after the run, comma-separated source specs"})
-    eval_seqlen: int | None = opt(None, "perplexity window length (default: the model's context length)")
+    ppl: list[str] = listing("texts to score after the run, comma-separated source specs")
+    eval_seqlen: int | None = opt(None, "perplexity window length (default: min(the model's context length, 4096))")
+    eval_batch_size: int = opt(4, "perplexity windows per forward")
     overwrite: bool = opt(False, "replace an existing output directory")
 
     def make_pruner(self, name: str):
         """The pruner ``name`` built with the options of this config that it takes."""
         from .pruners import get_pruner
 
-        options = {"rounding": self.rounding}
-        if name == "sparsegpt":
-            options.update(blocksize=self.blocksize, percdamp=self.percdamp)
-        return get_pruner(name, **options)
+        return get_pruner(name, **{k: getattr(self, k) for k in PRUNERS[name].options if hasattr(self, k)})
 
     def validate(self) -> "CommonConfig":
-        for f in fields(self):
-            if f.metadata.get("required") and getattr(self, f.name) in (None, ""):
-                raise LosaZeroError(f"missing required option --{f.name.replace('_', '-')}")
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise LosaZeroError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
-        for name in ("nsamples", "calib_batch_size", "blocksize", "cka_nsamples"):
+        check_fields(self)
+        for name in ("nsamples", "calib_batch_size", "blocksize", "cka_nsamples", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise LosaZeroError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise LosaZeroError(f"--seqlen must be >= 2 (got {self.seqlen})")
+        for name in ("seqlen", "eval_seqlen"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise LosaZeroError(f"--{name.replace('_', '-')} must be >= 2 (got {getattr(self, name)})")
         if self.besa_lambda < 0 or self.besa_epochs < 1 or (self.besa_d_coef is not None and self.besa_d_coef <= 0):
             raise LosaZeroError("--besa-lambda must be >= 0, --besa-epochs >= 1 and --besa-d-coef > 0")
         if self.owl_m <= 0 or not 0 <= self.owl_lambda < 1:
             raise LosaZeroError(f"--owl-m must be > 0 and --owl-lambda in [0, 1) (got {self.owl_m}, {self.owl_lambda})")
         if not 0 <= self.percdamp < 1:
             raise LosaZeroError(f"--percdamp must be in [0, 1) (got {self.percdamp})")
-        if not Path(self.model).is_dir():
-            raise LosaZeroError(f"model directory not found: {self.model} (convert or download the model first)")
+        check_model_dir(self.model)
         return self
 
 
@@ -97,23 +113,23 @@ def _check_sparsity(value: float | None, flag: str = "--sparsity") -> None:
 
 @dataclass
 class PruneConfig(CommonConfig):
-    method: str = opt("wanda", "one-shot pruning method", ("magnitude", "wanda", "sparsegpt"))
+    method: str = opt("wanda", "one-shot pruning method", tuple(PRUNERS))
     sparsity: float | None = opt(None, "target fraction of pruned weights, in [0, 1)")
     nm: str | None = opt(None, "N:M pattern (N kept of every M), e.g. 2:4; or one N:M per layer, comma-separated")
     allocation: str = opt("uniform", "layer-wise sparsity rates: uniform, RMI (LoSA), OWL, or BESA's learned "
                           "row/linear rates; with one --nm N:M, rmi or owl choose a mixed N per layer",
-                          ("uniform", "rmi", "owl", "besa"))
+                          tuple(ALLOCATORS))
     nm_spread: int = opt(1, "mixed N:M: each layer's N stays within the mean N +- this (and 1 .. M-1)")
 
     def validate(self) -> "PruneConfig":
         if self.nm is None:
             _check_sparsity(self.sparsity)
-        elif self.allocation == "besa":
-            raise LosaZeroError("--allocation besa learns unstructured rates: it does not apply to --nm "
-                                "(for a mixed N per layer use --allocation rmi or owl)")
+        elif self.allocation != "uniform" and not ALLOCATORS[self.allocation].mixed_nm:
+            raise LosaZeroError(f"--allocation {self.allocation} learns unstructured rates: it does not apply to --nm "
+                                f"(for a mixed N per layer use --allocation {' or '.join(mixed_nm_allocators())})")
         elif self.allocation != "uniform" and "," in str(self.nm):
             raise LosaZeroError("--nm lists one N:M per layer already: drop --allocation, or give one N:M "
-                                "and --allocation rmi|owl to choose a mixed N per layer")
+                                f"and --allocation {'|'.join(mixed_nm_allocators())} to choose a mixed N per layer")
         if self.nm_spread < 0:
             raise LosaZeroError(f"--nm-spread must be >= 0 (got {self.nm_spread})")
         return super().validate()
@@ -123,9 +139,10 @@ class PruneConfig(CommonConfig):
 class LosaConfig(CommonConfig):
     sparsity: float | None = opt(None, "final target sparsity S, in [0, 1)")
     steps: int = opt(5, "LoSA steps T (released: 5)")
-    pruner: str = opt("wanda", "pruner applied to the merged weights at each step", ("wanda", "sparsegpt"))
+    pruner: str = opt("wanda", "pruner applied to the merged weights at each step (one that uses calibration data)",
+                      tuple(name for name, cls in PRUNERS.items() if cls.calibrated))
     allocation: str = opt("rmi", "layer-wise sparsity rates per step: RMI (LoSA), uniform, OWL, or BESA's learned "
-                          "row/linear rates (the step's pruner then prunes to them)", ("rmi", "uniform", "owl", "besa"))
+                          "row/linear rates (the step's pruner then prunes to them)", tuple(ALLOCATORS))
     delta: float | None = opt(None, "rate band half-width (default: released 0.01/0.02/0.03 by step target)")
     train: str | None = opt(None, "fine-tuning data: [text|jsonl|alpaca:]PATH", required=True)
     samples_per_step: int = opt(1000, "fine-tuning samples for steps t < T (released: 1000)")
@@ -170,8 +187,41 @@ class LosaConfig(CommonConfig):
         return super().validate()
 
     @property
+    def total_examples(self) -> int:
+        """Fine-tuning examples the whole run consumes: T - 1 steps of --samples-per-step, then
+        --final-step-samples."""
+        return (self.steps - 1) * self.samples_per_step + self.final_step_samples
+
+    @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_scale_rank
+
+
+@dataclass
+class EvalConfig:
+    """``losa-zero eval``: score any model directory (ours or not)."""
+
+    model: str | None = opt(None, "Hugging Face model directory", required=True)
+    ppl: list[str] = listing("texts to score, comma-separated [text|jsonl|alpaca|wikitext2:]PATH")
+    seqlen: int | None = opt(None, "perplexity window length (default: min(the model's context length, 4096))")
+    tasks: list[str] = listing("zero-shot tasks through lm-eval, comma-separated")
+    limit: int | None = opt(None, "at most this many items per zero-shot task")
+    tasks_data: str | None = opt(None, "folder of the zero-shot JSONL files (default: $LOSA_ZERO_DATA/lm-eval-slices)")
+    batch_size: int = opt(8, "zero-shot requests per forward")
+    dtype: str = opt("float32", "weight dtype", tuple(DTYPES))
+    device: str = opt("auto", "torch device (auto: cuda if available)")
+    json: str | None = opt(None, "write the results to this JSON file")
+
+    def validate(self) -> "EvalConfig":
+        check_fields(self)
+        if not self.ppl and not self.tasks:
+            raise LosaZeroError("nothing to evaluate: give --ppl FILE[,FILE...] and/or --tasks NAME[,NAME...]")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise LosaZeroError(f"--seqlen must be >= 2 (got {self.seqlen})")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise LosaZeroError("--batch-size and --limit must be >= 1")
+        check_model_dir(self.model)
+        return self
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -197,8 +247,9 @@ def build_config(cls, *layers: dict):
             if k not in known:
                 raise LosaZeroError(f"unknown option {key!r} (see --help for the valid options)")
             merged[k] = value
-    if isinstance(merged.get("ppl"), str):
-        merged["ppl"] = [s for s in merged["ppl"].split(",") if s]
+    for f in fields(cls):
+        if _is_list(f) and isinstance(merged.get(f.name), str):
+            merged[f.name] = [s for s in merged[f.name].split(",") if s]
     try:
         cfg = cls(**merged)
     except TypeError as e:
@@ -208,10 +259,14 @@ def build_config(cls, *layers: dict):
     return cfg.validate()
 
 
+def _is_list(f) -> bool:
+    return str(f.type).startswith("list")
+
+
 def _coerce(cfg, f) -> None:
     """YAML and key=value overrides arrive as str/int; give each field its declared type."""
     value = getattr(cfg, f.name)
-    if value is None or f.name == "ppl":
+    if value is None or _is_list(f):
         return
     default = f.default if f.default is not dataclasses.MISSING else None
     kind = type(default) if default is not None else None

@@ -19,6 +19,11 @@ from losa_zero.errors import LosaZeroError
 
 FORMATS = ("text", "jsonl", "alpaca", "wikitext2")
 
+#: The id fine-tuning batches are padded with. Padding is masked out of attention and loss,
+#: so it only has to be a valid embedding row; a tokenizer's pad id need not be (Qwen2's
+#: lies past the vocabulary of small models), 0 always is.
+PAD_ID = 0
+
 # The Stanford Alpaca prompt (with and without an input), used by LoSA and most LoRA
 # recovery recipes; the loss target is the output appended to the prompt.
 ALPACA_TEMPLATE = {

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from .config import LosaConfig, PruneConfig, build_config, load_yaml
+from .config import EvalConfig, LosaConfig, PruneConfig, build_config, load_yaml
 from .errors import LosaZeroError
 
 log = logging.getLogger("losa_zero")
@@ -43,7 +43,7 @@ def fixture_paths(data_dir: str | None) -> dict[str, Path]:
 def run_demo(workdir: Path, data_dir: str | None = None, quick: bool = False) -> list[dict]:
     from .convert_llama2c import convert_llama2c
     from .eval_command import run_eval
-    from .pipeline import run_losa, run_prune
+    from .lifecycle import run_losa, run_prune
 
     paths = fixture_paths(data_dir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -61,11 +61,8 @@ def run_demo(workdir: Path, data_dir: str | None = None, quick: bool = False) ->
         recipe.update(QUICK)
         common["nsamples"] = QUICK["nsamples"]
 
-    class _Args:
-        model, ppl, seqlen, tasks, limit, tasks_data, batch_size = str(dense), str(eval_txt), None, "", None, None, 8
-        dtype, device, json = "float32", "auto", str(workdir / "dense_eval.json")
-
-    dense_eval = run_eval(_Args)
+    dense_eval = run_eval(build_config(EvalConfig, {"model": str(dense), "ppl": [str(eval_txt)],
+                                                    "json": str(workdir / "dense_eval.json")}))
     rows = [{"run": "dense", "ppl": dense_eval["perplexity"][eval_txt.name]["ppl"], "sparsity": dense_eval["sparsity"],
              "seconds": time.perf_counter() - t0}]
     wanda = run_prune(build_config(PruneConfig, common, {"method": "wanda", "sparsity": recipe["sparsity"],

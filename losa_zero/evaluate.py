@@ -40,16 +40,23 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def _default_seqlen(model: nn.Module) -> int:
+#: longest default perplexity window: the published tables score LLaMA-1/2 at their 2048 or
+#: 4096 context; Llama-3 / Qwen contexts of 128K would make one window larger than the text
+DEFAULT_EVAL_SEQLEN_CAP = 4096
+
+
+def default_eval_seqlen(model: nn.Module) -> int:
+    """min(the model's context length, 4096)."""
     config = getattr(model, "config", None)
     seqlen = getattr(config, "max_position_embeddings", None)
     if not seqlen:
-        raise LosaZeroError("cannot infer the evaluation sequence length from the model config: pass seqlen")
-    return int(seqlen)
+        raise LosaZeroError("cannot infer the evaluation sequence length from the model config: pass --eval-seqlen")
+    return min(int(seqlen), DEFAULT_EVAL_SEQLEN_CAP)
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int | None = None, batch_size: int = 4) -> dict:
+def perplexity(model: nn.Module, tokenizer, text: str, runtime=None, seqlen: int | None = None,
+               batch_size: int = 4) -> dict:
     """Perplexity of ``text`` with the SparseGPT/Wanda protocol.
 
     The text is tokenized once (the tokenizer's BOS at the very start only), cut into
@@ -57,11 +64,16 @@ def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int | None = None
     next-token NLL over the ``seqlen - 1`` predictions of every window gives
     ``ppl = exp(mean)``. Non-overlapping windows make the number cheap and comparable to
     the published pruning tables, at the cost of short contexts at window starts.
+
+    With a multi-rank ``runtime`` (ZeRO-3) the batches of windows are shared out
+    round-robin; a rank with none left runs a filler batch, since ZeRO-3 forwards are
+    collective. The per-window sums are combined and added in window order, exactly as on
+    one process, so the number does not depend on the number of ranks.
     """
     if seqlen is None:
-        seqlen = _default_seqlen(model)
+        seqlen = default_eval_seqlen(model)
     if seqlen < 2:
-        raise LosaZeroError(f"perplexity seqlen must be at least 2, got {seqlen}: pass a larger --seqlen")
+        raise LosaZeroError(f"perplexity seqlen must be at least 2, got {seqlen}: pass a larger --eval-seqlen")
     if batch_size < 1:
         raise LosaZeroError(f"perplexity batch size must be at least 1, got {batch_size}")
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
@@ -69,27 +81,43 @@ def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int | None = None
     if n_windows < 1:
         raise LosaZeroError(
             f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}: "
-            "use a longer text or a smaller --seqlen"
+            "use a longer text or a smaller --eval-seqlen"
         )
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    device = _device_of(model)
+    world, rank = (runtime.world_size, runtime.rank) if runtime is not None else (1, 0)
+    device = runtime.device if runtime is not None else _device_of(model)
+    starts = list(range(0, n_windows, batch_size))
+    mine = starts[rank::world]
+    rounds = math.ceil(len(starts) / world)
+    nll = torch.zeros(n_windows, dtype=torch.float64)
     was_training = model.training
     model.eval()  # LoRA dropout etc. must be off while scoring
-    total = 0.0
     try:
-        for start in range(0, n_windows, batch_size):
+        for j in range(rounds):
+            start = mine[j] if j < len(mine) else starts[0]  # filler: same forwards on every rank
             batch = windows[start:start + batch_size].to(device)
             logits = _logits(model, batch)
-            # One window at a time in float32 bounds the upcast copy for large vocabularies.
-            for b in range(batch.shape[0]):
-                lg = logits[b, :-1].float()
-                total += F.cross_entropy(lg, batch[b, 1:], reduction="sum").item()
+            if j < len(mine):
+                # One window at a time in float32 bounds the upcast copy for large vocabularies.
+                for b in range(batch.shape[0]):
+                    lg = logits[b, :-1].float()
+                    nll[start + b] = F.cross_entropy(lg, batch[b, 1:], reduction="sum").item()
             del logits
     finally:
         model.train(was_training)
+    if world > 1:
+        # Each window was scored by exactly one rank: the sum is that rank's value, exactly.
+        import torch.distributed as dist
+
+        comm = nll.to(device)
+        dist.all_reduce(comm)
+        nll = comm.cpu()
+    total = 0.0
+    for v in nll.tolist():  # in window order
+        total += v
     n_pred = n_windows * (seqlen - 1)
-    nll = total / n_pred
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": n_pred, "windows": n_windows, "seqlen": seqlen}
+    mean = total / n_pred
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": n_pred, "windows": n_windows, "seqlen": seqlen}
 
 
 @torch.no_grad()

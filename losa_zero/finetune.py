@@ -1,4 +1,4 @@
-"""Fine-tuning of the sparse-LoRA factors between LoSA steps (method doc section 5, step 6).
+"""Fine-tuning of the sparse-LoRA factors between LoSA steps (docs/method.md section 5, step 6).
 
 The base weights are frozen; only ``lora_A`` / ``lora_B`` train. Each LoSA step starts a
 fresh optimizer and a fresh linear schedule with warmup, as the released code does (it
@@ -11,6 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from .data import collate
 from .errors import LosaZeroError
 from .lora import SparseLoRALinear
-from .optimizers import make_optimizer
+from .optimizers import choose_optimizer, make_optimizer
 from .runtime import Runtime
 
 
@@ -30,11 +31,6 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def linear_warmup_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """HF Trainer's linear schedule: warmup over ceil(ratio * total) steps, then decay to 0."""
-    from transformers import get_linear_schedule_with_warmup
-
-    return get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
 
 class MetricsWriter:
@@ -72,13 +68,38 @@ class MetricsWriter:
 
 
 def linear_warmup_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
-    """The factor of :func:`linear_warmup_schedule` at optimizer step ``step`` (0-based): the
-    same numbers as HF's LambdaLR, as a pure function so a resumed run (or a DeepSpeed
+    """HF Trainer's linear schedule (warmup over ceil(ratio * total) steps, then decay to 0)
+    at optimizer step ``step`` (0-based): the numbers of transformers'
+    ``get_linear_schedule_with_warmup``, as a pure function so a resumed run (or a DeepSpeed
     engine) can set the learning rate of any step directly."""
     warmup = math.ceil(total_steps * warmup_ratio)
     if step < warmup:
         return float(step) / float(max(1, warmup))
     return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup)))
+
+
+@torch.no_grad()
+def clip_grad_norm_exact_(grads: list[torch.Tensor], max_norm: float, all_reduce=None) -> float:
+    """Scale ``grads`` in place so their global L2 norm is at most ``max_norm`` (torch's
+    ``clip_grad_norm_`` formula, max_norm / (norm + 1e-6)); returns the norm.
+
+    The norm is a float64 sum of squares, summed over ranks by ``all_reduce(tensor)`` when
+    the gradients are partitioned: it does not depend on how they are split, so one
+    process and any number of ZeRO-3 ranks clip by the same factor."""
+    dev = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for g in grads:
+        flat = g.reshape(-1)
+        for a in range(0, flat.numel(), 1 << 24):
+            sq += flat[a:a + (1 << 24)].to(torch.float64).square().sum()
+    if all_reduce is not None:
+        sq = all_reduce(sq)
+    norm = math.sqrt(float(sq))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def micro_seed(seed: int, losa_step: int, opt_step: int, micro: int) -> int:
@@ -103,6 +124,9 @@ class LocalTrainer:
         self.max_grad_norm = max_grad_norm
         self.params: list[nn.Parameter] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        device = next(model.parameters()).device.type
+        #: the optimizer the adapters train with (torch AdamW when bitsandbytes cannot step here)
+        self.optimizer_choice = choose_optimizer(optimizer_name, device)
 
     def begin(self, fresh: bool = True) -> None:
         """Start a LoSA step's fine-tuning: a fresh optimizer (released code: a new trainer per step)."""
@@ -130,7 +154,8 @@ class LocalTrainer:
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.max_grad_norm > 0:
+            clip_grad_norm_exact_([p.grad for p in self.params if p.grad is not None], self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -138,36 +163,60 @@ class LocalTrainer:
         self.optimizer = None
 
 
+def accumulate_batch(trainer, batch: list[dict], micro_batch_size: int, pad_id: int, device: torch.device,
+                     seed_of: Callable[[int], int], where: str) -> float:
+    """Forward and backward of one optimizer batch, micro-batch by micro-batch (this rank's
+    share of them, :meth:`LocalTrainer.local_micro_batches`); returns the batch's loss, the
+    token mean over the whole batch (summed across ranks). ``seed_of(micro)`` seeds each
+    micro-batch's forward (LoRA dropout)."""
+    n_micro = math.ceil(len(batch) / micro_batch_size)
+    label_tokens = sum(sum(1 for x in e.get("labels", e["input_ids"])[1:] if x != -100) for e in batch)
+    step_loss = 0.0
+    mine = trainer.local_micro_batches(n_micro)
+    for j, i in enumerate(mine):
+        # A rank with no micro-batch left makes a zero-weight pass on two tokens: ZeRO-3
+        # forwards are collective, so every rank runs the same number of them.
+        filler = i is None
+        part = ([{"input_ids": batch[0]["input_ids"][:2], "labels": batch[0]["input_ids"][:2]}] if filler
+                else batch[i * micro_batch_size:(i + 1) * micro_batch_size])
+        micro = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+        torch.manual_seed(seed_of(-1 if filler else i))
+        loss = trainer.forward(micro, max(1, label_tokens)).loss
+        if filler:
+            loss = loss * 0.0
+        elif not torch.isfinite(loss):
+            raise LosaZeroError(f"training loss is {loss.item()} at {where}: lower --lr or run in float32")
+        trainer.backward(loss, boundary=j == len(mine) - 1)
+        if not filler:
+            step_loss += loss.item()
+    return trainer.sum_across_ranks(step_loss)
+
+
 def train_adapters(
     model: nn.Module,
     examples: list[dict],
+    trainer,
     *,
     pad_id: int,
-    optimizer_name: str,
     lr: float,
-    weight_decay: float,
-    max_grad_norm: float,
     warmup_ratio: float,
     batch_size: int,
     micro_batch_size: int,
     runtime: Runtime,
     metrics: MetricsWriter,
     losa_step: int,
-    trainer=None,
     progress: dict | None = None,
     on_opt_step=None,
     seed: int = 0,
 ) -> dict:
     """One LoSA step's fine-tuning pass over ``examples``; returns loss and throughput.
 
-    ``trainer`` (default: a :class:`LocalTrainer`) owns the optimizer and the backward pass.
-    ``progress`` is this step's resumable position (optimizer steps done, their losses and
-    tokens), updated in place; a run restored from a mid-step checkpoint passes it back and
-    continues at the next optimizer step. ``on_opt_step(progress)`` runs after every
-    optimizer step (periodic checkpoints).
+    ``trainer`` (a :class:`LocalTrainer` or the ZeRO-3 one) owns the optimizer and the
+    backward pass. ``progress`` is this step's resumable position (optimizer steps done,
+    their losses and tokens), updated in place; a run restored from a mid-step checkpoint
+    passes it back and continues at the next optimizer step. ``on_opt_step(progress)`` runs
+    after every optimizer step (periodic checkpoints).
     """
-    if trainer is None:
-        trainer = LocalTrainer(model, optimizer_name, lr, weight_decay, max_grad_norm)
     if progress is None:
         progress = {}
     progress.setdefault("opt_step", 0)
@@ -183,30 +232,10 @@ def train_adapters(
     for opt_step in bar:
         t0 = time.perf_counter()
         batch = examples[opt_step * batch_size:(opt_step + 1) * batch_size]
-        n_micro = math.ceil(len(batch) / micro_batch_size)
-        label_tokens = sum(sum(1 for x in e.get("labels", e["input_ids"])[1:] if x != -100) for e in batch)
+        step_loss = accumulate_batch(trainer, batch, micro_batch_size, pad_id, runtime.device,
+                                     lambda micro: micro_seed(seed, losa_step, opt_step, micro),
+                                     where=f"LoSA step {losa_step}, optimizer step {opt_step + 1}")
         step_tokens = sum(len(e["input_ids"]) for e in batch)
-        step_loss = 0.0
-        mine = trainer.local_micro_batches(n_micro)
-        for j, i in enumerate(mine):
-            # A rank with no micro-batch left makes a zero-weight pass on two tokens: ZeRO-3
-            # forwards are collective, so every rank runs the same number of them.
-            filler = i is None
-            part = ([{"input_ids": batch[0]["input_ids"][:2], "labels": batch[0]["input_ids"][:2]}] if filler
-                    else batch[i * micro_batch_size:(i + 1) * micro_batch_size])
-            micro = {k: v.to(runtime.device) for k, v in collate(part, pad_id).items()}
-            torch.manual_seed(micro_seed(seed, losa_step, opt_step, -1 if filler else i))
-            loss = trainer.forward(micro, max(1, label_tokens)).loss
-            if filler:
-                loss = loss * 0.0
-            elif not torch.isfinite(loss):
-                raise LosaZeroError(
-                    f"training loss is {loss.item()} at LoSA step {losa_step}, optimizer step {opt_step + 1}: "
-                    "lower --lr or run in float32")
-            trainer.backward(loss, boundary=j == len(mine) - 1)
-            if not filler:
-                step_loss += loss.item()
-        step_loss = trainer.sum_across_ranks(step_loss)
         step_lr = lr * linear_warmup_factor(opt_step, total, warmup_ratio)
         trainer.step(step_lr)
         progress["losses"].append(step_loss)

@@ -1,6 +1,6 @@
 """Sparse LoRA: a LoRA adapter whose update is masked by the base weight's sparsity mask.
 
-Method doc section 1: the effective weight of an adapted linear is
+docs/method.md section 1: the effective weight of an adapted linear is
 
     W_eff = (W + s * B[:, :r] @ A[:r, :]) ⊙ M
 

@@ -65,8 +65,13 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` from a local directory, in eval mode.
+#: the weight dtypes a run may use (``--dtype``), by name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` from a local directory, in eval mode; ``dtype`` is a
+    torch dtype or a name in :data:`DTYPES`.
 
     The config is read and checked first: loading weights of a multi-billion-parameter
     model only to reject its architecture afterwards would waste minutes and memory.
@@ -75,6 +80,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trus
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     p = _check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,15 +23,20 @@ from losa_zero.errors import LosaZeroError
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, runtime=None) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``path`` only on success.
 
     The existence check happens on enter, before the caller does any (possibly
     hours-long) work, so a clash with an earlier result is reported immediately.
     The temporary directory is a sibling (same filesystem) so the final rename is atomic.
     On an exception the temporary directory is removed and ``path`` is left untouched.
+
+    With a multi-rank ``runtime`` every rank gets the same temporary directory (rank 0's),
+    rank 0 alone creates, renames or removes it, and the rename waits for every rank
+    (the ranks write their shards of the model into it).
     """
     path = Path(path)
+    main = runtime is None or runtime.is_main
     if path.exists() and not overwrite:
         raise LosaZeroError(
             f"output directory {path} already exists: choose another --out or pass --overwrite"
@@ -42,14 +48,27 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except OSError as exc:
         raise LosaZeroError(f"cannot create the parent folder of {path}: {exc.strerror}; choose another --out") from exc
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # left over by a crashed run that had the same pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    barrier = runtime.barrier if runtime is not None else (lambda: None)
+    if runtime is not None:
+        tmp = Path(runtime.all_gather_object(str(tmp))[0])
+    if main:
+        if tmp.exists():  # left over by a crashed run that had the same pid
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    barrier()  # every rank has written its part
+    if main:
+        _commit(tmp, path)
+    barrier()
+
+
+def _commit(tmp: Path, path: Path) -> None:
     # Success: move into place. With overwrite, keep the old result until the new one is
     # in place so that at every instant one complete directory exists under some name.
     old = None
@@ -112,18 +131,85 @@ def peak_memory() -> dict:
     return {"host_rss_bytes": host, "cuda_bytes": cuda}
 
 
+def _cuda_in_use() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def memory_now() -> dict:
-    """This process's host memory at this instant, in bytes: the peak RSS so far
-    (``ru_maxrss``, which only grows, so read at the end of a phase it is the peak reached by
-    then) and the current RSS (``/proc/self/statm``: what the phases so far keep alive;
-    ``None`` where /proc is absent). The kernel batches RSS counts per thread, so the two
-    can disagree by a few hundred KiB (the current value may exceed the peak by that much)."""
+    """This process's memory at this instant, in bytes: the peak RSS so far (``ru_maxrss``,
+    which only grows, so read at the end of a phase it is the peak reached by then), the
+    current RSS (``/proc/self/statm``: what the phases so far keep alive; ``None`` where
+    /proc is absent) and, when CUDA is in use, ``cuda_peak_bytes``: the CUDA allocator's
+    peak since its statistics were last reset (:class:`PhaseRecorder` resets them at the
+    start of every phase, so it is that phase's peak). The kernel batches RSS counts per
+    thread, so the two RSS values can disagree by a few hundred KiB."""
     current = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/self/statm") as fh:
             current = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_bytes": int(rss) if sys.platform == "darwin" else int(rss) * 1024, "rss_bytes": current}
+    out = {"peak_rss_bytes": int(rss) if sys.platform == "darwin" else int(rss) * 1024, "rss_bytes": current}
+    if _cuda_in_use():
+        import torch
+
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+class PhaseRecorder:
+    """Seconds and memory of the named phases of a run.
+
+    ``seconds`` accumulates per name (LoSA's steps add to "importance", "prune",
+    "finetune"); ``memory`` holds :func:`memory_now` at the end of every phase, in the order
+    the phases end, under the phase's own key ("step2.prune"). With CUDA in use the
+    allocator's peak is reset at each phase's start, so each record holds that phase's
+    peak, and :meth:`peak_memory` the largest of them."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.memory: dict[str, dict] = {}
+        self._start = time.perf_counter()
+        self._cuda_peak: int | None = None
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def phase(self, name: str, key: str | None = None) -> Iterator[dict]:
+        """Time the block under ``name`` and record memory under ``key`` (default: ``name``).
+        Yields a dict whose "seconds" is set on exit."""
+        timing: dict = {}
+        if _cuda_in_use():
+            import torch
+
+            self._note_cuda_peak(int(torch.cuda.max_memory_allocated()))
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        yield timing
+        timing["seconds"] = time.perf_counter() - t0
+        self.add(name, timing["seconds"])
+        self.memory[key or name] = memory_now()
+        self._note_cuda_peak(self.memory[key or name].get("cuda_peak_bytes"))
+
+    def _note_cuda_peak(self, value: int | None) -> None:
+        if value is not None:
+            self._cuda_peak = max(self._cuda_peak or 0, value)
+
+    def total(self) -> dict[str, float]:
+        """Seconds per phase plus the wall time since the recorder was made."""
+        return {**self.seconds, "total": time.perf_counter() - self._start}
+
+    def peak_memory(self) -> dict:
+        """:func:`peak_memory`, with the CUDA peak over all phases (the per-phase resets
+        hide earlier phases from the allocator's own counter)."""
+        out = peak_memory()
+        if out["cuda_bytes"] is not None or self._cuda_peak is not None:
+            out["cuda_bytes"] = max(out["cuda_bytes"] or 0, self._cuda_peak or 0)
+        return out
 
 
 def cpu_model() -> str:

@@ -528,6 +528,8 @@ def _ds_settings(path: str | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import LosaConfig
+
     p = argparse.ArgumentParser(
         prog="losa-zero plan",
         description="Per-GPU and per-node memory of a LoSA run under ZeRO-3, and whether it fits. "
@@ -561,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"(default: {default})")
         else:
             kind = int if key not in ("optimizer", "pruner", "dtype") else str
-            p.add_argument(flag, type=kind, default=None,
+            # the same choices as the run config (LosaConfig), read from the registries
+            choices = LosaConfig.__dataclass_fields__[key].metadata.get("choices") if kind is str else None
+            p.add_argument(flag, type=kind, default=None, choices=choices,
                            help=f"(default: {default if default is not None else 'min(2048, context)'})")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write the plan as JSON to FILE (or, without FILE, print JSON instead of the table)")

@@ -18,9 +18,21 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .errors import LosaZeroError
 from .lora import SparseLoRALinear
+from .modeling import decoder_layers, layer_linears
 
 log = logging.getLogger("losa_zero")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of ``--device``: auto (cuda when available), cpu, cuda[:N]."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise LosaZeroError(f"unknown --device {name!r}: use auto, cpu or cuda[:N]") from None
 
 
 class Runtime:
@@ -43,13 +55,17 @@ class Runtime:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def all_gather_object(self, obj) -> list:
+        """``obj`` of every rank, in rank order (picklable objects)."""
+        return [obj]
+
     def local_indices(self, n: int) -> list[int]:
         """Which of the ``n`` calibration sequences this rank processes (all of them here)."""
         return list(range(n))
 
     def gram(self, rows: torch.Tensor, n: int) -> torch.Tensor:
         """The n x n Gram matrix X X^T (float64) of the calibration sequences' flattened
-        features (LoSA's CKA, method doc section 2). ``rows`` are this rank's sequences; on
+        features (LoSA's CKA, docs/method.md section 2). ``rows`` are this rank's sequences; on
         one process that is all ``n`` of them. Accumulated over feature slices so no
         float64 copy of the whole activation is made."""
         k = torch.zeros(n, n, dtype=torch.float64)
@@ -75,8 +91,9 @@ class Runtime:
     #: module would detach it from DeepSpeed's parameter hooks.
     unwrap_after_merge: bool = True
 
-    def adapter_init(self):
-        """Context in which the sparse-LoRA factors are created (ZeRO-3: partitioned at birth)."""
+    def adapter_init(self, model: nn.Module):
+        """Context in which the sparse-LoRA factors of ``model`` are created (ZeRO-3:
+        partitioned at birth)."""
         return contextlib.nullcontext()
 
     def map_linears(self, items, compute) -> None:
@@ -112,6 +129,18 @@ class Runtime:
             return int((~keep).sum()), keep.numel()
         w = linear.weight
         return int((w == 0).sum()), w.numel()
+
+    def sparsity_report(self, model: nn.Module) -> tuple[float, dict[str, float]]:
+        """Realised sparsity of the target linears: global and per linear (full names)."""
+        per_linear, pruned_total, total = {}, 0, 0
+        for l, layer in enumerate(decoder_layers(model)):
+            with self.gathered(layer):
+                for name, lin in layer_linears(layer).items():
+                    p, t = self.count_pruned(lin)
+                    per_linear[f"model.layers.{l}.{name}"] = p / t
+                    pruned_total += p
+                    total += t
+        return pruned_total / total, per_linear
 
     # -- user feedback ----------------------------------------------------------------------
     def progress(self, iterable, **kwargs):

@@ -61,7 +61,7 @@ def _rank() -> int:
 
 
 def run(config_file: str, overrides: list[str], command: str) -> int:
-    from .zero3.run import run_train
+    from .lifecycle import run_train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

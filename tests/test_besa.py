@@ -1,4 +1,4 @@
-"""BESA (besa-method.md): the hard mask against a brute-force ranking, the straight-through
+"""BESA (docs/method.md section 9): the hard mask against a brute-force ranking, the straight-through
 gradient against finite differences, per-row targets through every pruner, and BESA on the
 real stories260K model, one-shot and inside LoSA."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from losa_zero.besa import (N_CANDIDATES, BesaOptions, LinearRates, candidate_probs, default_d_coef,
+from losa_zero.allocators.besa import (N_CANDIDATES, BesaOptions, LinearRates, candidate_probs, default_d_coef,
                             reconstruction_loss, sparsity_penalty)
 from losa_zero.config import LosaConfig, PruneConfig, build_config
 from losa_zero.errors import LosaZeroError
-from losa_zero.pipeline import run_losa, run_prune
+from losa_zero.lifecycle import run_losa, run_prune
 from losa_zero.pruners import SparsityTarget, get_pruner, row_counts_keep
 
 NSAMPLES = 32  # reduced calibration set: 32 x 512 tokens
@@ -124,7 +124,7 @@ def test_options_and_defaults():
     assert [default_d_coef(n) for n in (260e3, 6.7e9, 13e9, 32.5e9, 65e9, 70e9)] == [5, 5, 5, 10, 50, 50]
     with pytest.raises(LosaZeroError):
         BesaOptions(granularity="column")
-    # the sigmoid variant's reachable range (doc, Procedure 4)
+    # the sigmoid variant's reachable range (docs/method.md §9.4)
     p = torch.arange(N_CANDIDATES, dtype=torch.float64) / 100
     hi = max(float((candidate_probs(torch.full((N_CANDIDATES,), -50.0, dtype=torch.float64).masked_fill(p > t, 50),
                                     True) * p).sum()) for t in p.tolist())
@@ -232,7 +232,7 @@ def _dist_worker(rank, world, port, model_dir, ids, out_path):
 
     import torch.distributed as dist
 
-    from losa_zero.besa import besa_allocate
+    from losa_zero.allocators.besa import besa_allocate
     from losa_zero.blockwise import capture_inputs
     from losa_zero.modeling import load_model
     from losa_zero.runtime import Runtime

@@ -11,7 +11,7 @@ from torch import nn
 
 from losa_zero.allocation import band_delta
 from losa_zero.config import LosaConfig, PruneConfig, build_config
-from losa_zero.pipeline import run_losa, run_prune
+from losa_zero.lifecycle import run_losa, run_prune
 
 pytestmark = pytest.mark.slow
 NSAMPLES = 64

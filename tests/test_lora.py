@@ -1,4 +1,4 @@
-"""Sparse LoRA (method doc section 1) against dense references, torchao-style: a tiny layer,
+"""Sparse LoRA (docs/method.md section 1) against dense references, torchao-style: a tiny layer,
 the sparse path compared with the formula computed directly."""
 from __future__ import annotations
 

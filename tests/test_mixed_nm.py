@@ -1,4 +1,4 @@
-"""Mixed N:M (LoSA method doc section 7): per-layer N from an allocation's importance, mean
+"""Mixed N:M (docs/method.md section 7): per-layer N from an allocation's importance, mean
 sparsity exact, every group valid; against a brute-force optimum and on real models."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from losa_zero.allocation import mixed_nm_allocation
 from losa_zero.config import PruneConfig, build_config
 from losa_zero.errors import LosaZeroError
-from losa_zero.pipeline import run_prune
+from losa_zero.lifecycle import run_prune
 from losa_zero.pruners import satisfies_nm
 
 

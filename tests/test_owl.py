@@ -12,8 +12,8 @@ from losa_zero.config import LosaConfig, PruneConfig, build_config
 from losa_zero.data import calibration_windows
 from losa_zero.errors import LosaZeroError
 from losa_zero.modeling import decoder_layers, layer_linears, load_model
-from losa_zero.owl import layer_outlier_ratio, owl_outlier_ratios, owl_rates
-from losa_zero.pipeline import run_losa, run_prune
+from losa_zero.allocators.owl import layer_outlier_ratio, owl_outlier_ratios, owl_rates
+from losa_zero.lifecycle import run_losa, run_prune
 from losa_zero.runtime import Runtime
 
 

@@ -164,7 +164,7 @@ def test_nearest_rounding_exact_total(name, rows, cols, rate):
 
 
 def test_narrow_layer_rounding_matches_doc():
-    """Method doc §5.3: 64 inputs at 0.7: the released int() prunes 44 per row (68.75%)."""
+    """docs/method.md §5.3: 64 inputs at 0.7: the released int() prunes 44 per row (68.75%)."""
     w = torch.randn(16, 64)
     _, keep_floor = get_pruner("magnitude", rounding="floor").prune(w, None, SparsityTarget.unstructured(0.7))
     assert ((~keep_floor).sum(1) == 44).all()

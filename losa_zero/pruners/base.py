@@ -204,13 +204,16 @@ class Pruner(ABC):
     """One pruning algorithm (llm-compressor "modifier" style).
 
     Subclasses implement :meth:`_prune`; :meth:`prune` validates inputs once for all of them.
-    ``rounding`` chooses how a rate becomes a count of pruned weights (method doc §5.3):
+    ``rounding`` chooses how a rate becomes a count of pruned weights (docs/method.md §5.3):
     ``"nearest"`` (default) prunes exactly ``round(rate * numel)`` weights per linear, so the
     realised sparsity is as close as possible to the rate; ``"floor"`` reproduces the
     released code's ``int(in_features * rate)`` per row (it under-prunes narrow layers).
     """
 
     name: ClassVar[str] = ""
+    #: whether it scores weights with calibration statistics (LoSA's step pruner must: the
+    #: released method prunes the merged weights with Wanda or SparseGPT)
+    calibrated: ClassVar[bool] = True
     #: constructor options accepted by :func:`losa_zero.pruners.get_pruner`
     options: ClassVar[tuple[str, ...]] = ("rounding",)
 
@@ -242,7 +245,7 @@ class Pruner(ABC):
         with pruned entries exactly 0 (SparseGPT also updates the survivors), and the bool
         keep mask. ``prev_keep`` marks weights that survived earlier pruning: everything
         outside it is pruned again and counts toward the target ("pruned weights never come
-        back", method doc §5.3); where a row/group already has more pruned than the target
+        back", docs/method.md §5.3); where a row/group already has more pruned than the target
         asks, all stay pruned. ``name`` only improves error messages.
         """
         if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():

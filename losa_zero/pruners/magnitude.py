@@ -16,6 +16,7 @@ class MagnitudePruner(Pruner):
     """Prune the smallest |W| of every row (or N:M group)."""
 
     name = "magnitude"
+    calibrated = False
     options = ("rounding",)
 
     def _prune(self, weight: Tensor, stats, target: SparsityTarget, prev_keep: Tensor | None) -> tuple[Tensor, Tensor]:

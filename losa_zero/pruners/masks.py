@@ -7,7 +7,7 @@ be identical everywhere, and deterministic so that every rank computes the same 
 Conventions: ``score`` is "importance", higher = keep; the lowest scores are pruned. Ties
 break by index (stable ascending sort: among equal scores the lower index is pruned first).
 Entries outside ``prev_keep`` get score -inf, so they are always the first pruned and count
-toward the target (method doc §5.3, "pruned weights never come back"); any of them beyond
+toward the target (docs/method.md §5.3, "pruned weights never come back"); any of them beyond
 the target stay pruned too.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def lowest_k_keep(score: Tensor, k: int, prev_keep: Tensor | None = None) -> Ten
 def row_counts_keep(score: Tensor, counts: Tensor, prev_keep: Tensor | None = None) -> Tensor:
     """Keep mask pruning the ``counts[r]`` lowest scores of every row ``r`` (ties by index);
     entries outside ``prev_keep`` rank lowest, and a row that already lost more keeps them
-    all pruned. This is BESA's hard mask (besa-method.md, Procedure 5)."""
+    all pruned. This is BESA's hard mask (docs/method.md §9.5)."""
     rows, cols = score.shape
     counts = torch.as_tensor(counts, device=score.device).reshape(-1).to(torch.int64)
     if counts.numel() != rows:

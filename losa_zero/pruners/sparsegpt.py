@@ -1,6 +1,6 @@
 """SparseGPT: prune with optimal-brain-surgeon (OBS) weight updates (Frantar & Alistarh 2023).
 
-Method doc §5.3: LoSA can prune each step with SparseGPT (blocks of 128 columns, 1%
+docs/method.md §5.3: LoSA can prune each step with SparseGPT (blocks of 128 columns, 1%
 dampening) instead of Wanda; it also updates the surviving weights so that the layer's
 output on the calibration set changes as little as possible.
 

@@ -1,6 +1,6 @@
 """Wanda: prune by |weight| x input-activation norm (Sun et al. 2023), as LoSA uses it.
 
-Method doc §5.3: score S_ij = |W_ij| * ||x_j||_2, where ||x_j||_2 is the norm of input
+docs/method.md §5.3: score S_ij = |W_ij| * ||x_j||_2, where ||x_j||_2 is the norm of input
 column j over all calibration tokens, compared within each output row. No weight update.
 
 Statistics are the per-column sums of x_j^2 plus the token count: plain sums, so ranks

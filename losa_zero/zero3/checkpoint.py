@@ -468,7 +468,7 @@ class Checkpointer:
             meta = {
                 "format": FORMAT, "tag": tag, "world_size": rt.world_size, "key": [state.step, opt_step],
                 "weights_version": version,
-                "losa_state": dataclasses.asdict(state), "seconds": dict(losa.seconds),
+                "losa_state": dataclasses.asdict(state), "seconds": dict(losa.phases.seconds),
                 "fingerprint": fingerprint(self.cfg),
                 "params": {name: {"numel": int(p.ds_numel), "partition": int(p.partition_numel()),
                                   "shape": list(p.ds_shape), "dtype": str(p.dtype).replace("torch.", ""),
@@ -564,7 +564,8 @@ class Checkpointer:
         from ..losa import LosaState
 
         losa.state = LosaState(**state)
-        losa.seconds = dict(info.meta.get("seconds", {}))
+        for phase, seconds in info.meta.get("seconds", {}).items():  # the attempts before this one
+            losa.phases.add(phase, seconds)
         pending = losa.state.pending
         ranks = pending["ranks"] if pending else (
             [l["rank"] for l in losa.state.history[-1]["layers"]] if losa.state.history else [0] * losa.n_layers)

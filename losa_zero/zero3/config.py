@@ -18,14 +18,13 @@ class ZeroRunConfig(LosaConfig):
     resume: str = opt("auto", "auto (newest complete checkpoint, if any), never, or a checkpoint folder")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (needed for long sequences on big models)")
     export_shard_size: str = opt("5GB", "largest safetensors file of the exported model")
-    eval_batch_size: int = opt(4, "perplexity windows per forward")
     dist_backend: str = opt("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
     dist_timeout_minutes: float = opt(60.0, "how long a collective waits for the slowest rank before the run fails "
                                             "(torch's default, 10, is shorter than a large checkpoint save)")
 
     def validate(self) -> "ZeroRunConfig":
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.eval_batch_size < 1:
-            raise LosaZeroError("checkpoint_every must be >= 0, keep_checkpoints >= 1 and eval_batch_size >= 1")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise LosaZeroError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if not self.dist_timeout_minutes > 0:
             raise LosaZeroError(f"dist_timeout_minutes must be > 0 (got {self.dist_timeout_minutes})")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():

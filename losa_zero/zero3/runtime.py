@@ -66,15 +66,16 @@ class ZeroRuntime(Runtime):
     unwrap_after_merge = False
 
     def __init__(self, device: torch.device | str, ds_config: dict, calib_batch_size: int,
-                 mask_device: torch.device | str | None = None):
+                 mask_device: torch.device | str | None = None, activation_dir: Path | None = None):
+        """``activation_dir``: where :meth:`keep_activation` writes the dense targets (the
+        checkpoint folder's ``dense_targets``), so a resumed run reads them back."""
         super().__init__(device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.ds_config = ds_config
         self.calib_batch_size = int(calib_batch_size)
         self.masks = PartitionedMaskStore(self.rank, self.world_size, self.device, mask_device)
-        self.model: nn.Module | None = None
-        self.activation_dir: Path | None = None
+        self.activation_dir = activation_dir
         self._open: dict[int, nn.Parameter] = {}
         self._modified: set[int] = set()
         self._open_linears: set[int] = set()
@@ -166,26 +167,18 @@ class ZeroRuntime(Runtime):
         return write_activation(self.activation_dir, layer, self.rank, hidden)
 
     # -- weights ------------------------------------------------------------------------------
-    def adapter_init(self):
+    @contextlib.contextmanager
+    def adapter_init(self, model: nn.Module):
         """Create the LoRA factors partitioned (zero.Init), then route their masks to the store."""
         import deepspeed
 
-        runtime = self
-
-        @contextlib.contextmanager
-        def ctx():
-            # Reuse the model's NVMe swapper: a new zero.Init would create another one, and a
-            # new swapper empties the swap folder that holds the model's offloaded shards.
-            swapper = None
-            if runtime.model is not None:
-                swapper = next((p.nvme_swapper for p in runtime.model.parameters()
-                                if getattr(p, "nvme_swapper", None) is not None), None)
-            with deepspeed.zero.Init(config_dict_or_path=runtime.ds_config, param_swapper=swapper):
-                yield
-            if runtime.model is not None:
-                runtime.masks.attach(runtime.model)
-
-        return ctx()
+        # Reuse the model's NVMe swapper: a new zero.Init would create another one, and a
+        # new swapper empties the swap folder that holds the model's offloaded shards.
+        swapper = next((p.nvme_swapper for p in model.parameters() if getattr(p, "nvme_swapper", None) is not None),
+                       None)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, param_swapper=swapper):
+            yield
+        self.masks.attach(model)
 
     def gathered(self, module: nn.Module):
         linears = [m for m in module.modules() if isinstance(m, SparseLoRALinear) and m.mask_store is self.masks]

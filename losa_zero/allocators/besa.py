@@ -1,5 +1,5 @@
 """BESA: blockwise parameter-efficient sparsity allocation (Xu et al., ICLR 2024), written
-from ``shared/docs/besa-method.md`` (cited below as "doc, Procedure N").
+from its description in docs/method.md section 9 (items cited below as "docs/method.md §9.N").
 
 Block by block, learn how many weights every output row (``granularity="row"``, the
 published headline) or every linear (``"layer"``) of the block drops, by gradient descent on
@@ -14,14 +14,14 @@ scores from the same inputs, same stable ranking), i.e. published BESA; with Spa
 counts are BESA's and the choice of weights and the update of the survivors are OBS's; with
 magnitude the ranking is |W|. While learning, each block's masks are applied functionally
 (the stored weights are not written), and the masked block's output on X_p becomes the next
-block's input (doc, Procedure 8), so the allocation is learned on the pruned chain.
+block's input (docs/method.md §9.8), so the allocation is learned on the pruned chain.
 
 Generalisations the doc does not cover, needed inside LoSA (the weights are LoSA's merged
 weights and some are already pruned): weights outside the previous keep-mask rank lowest
 and stay pruned, and a row's expected rate is sum_d pi_d max(p_d, prev_r / C), the expected
 *realised* rate, so the penalty sees the sparsity the row really has.
 
-The logits start at 0 as released (doc, Procedure 3): the expected rate starts at 0.5
+The logits start at 0 as released (docs/method.md §9.3): the expected rate starts at 0.5
 whatever the target. (Tried: starting the logits at the target instead was clearly worse on
 the fixture at 70%, perplexity 109 against 72, so the released initialisation stays.)
 
@@ -43,26 +43,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blockwise import Activations, collect_input_stats, forward_block
-from .errors import LosaZeroError
-from .lora import SparseLoRALinear
-from .modeling import decoder_layers, layer_linears
-from .owl import effective_weight
-from .pruners import SparsityTarget, WandaPruner
-from .runtime import Runtime
+from ..blockwise import Activations, collect_input_stats, forward_block
+from ..errors import LosaZeroError
+from ..lora import SparseLoRALinear
+from ..modeling import decoder_layers, layer_linears
+from ..pruners import SparsityTarget, WandaPruner
+from ..runtime import Runtime
+from .base import Allocation, Allocator, effective_weight
 
 log = logging.getLogger("losa_zero")
 
-#: candidate rates p_d = d / 100, d = 0..100 (doc, Procedure 3)
+#: candidate rates p_d = d / 100, d = 0..100 (docs/method.md §9.3)
 N_CANDIDATES = 101
-#: the sigmoid variant keeps every rate inside about [0.376, 0.624] (doc, Procedure 4), so
+#: the sigmoid variant keeps every rate inside about [0.376, 0.624] (docs/method.md §9.4), so
 #: "auto" uses it only for targets in this range (the published 50% included) and drops it
 #: outside, at high sparsity and also at the low targets of LoSA's first steps
 SIGMOID_AUTO_RANGE = (0.4, 0.6)
 
 
 def default_d_coef(n_params: int) -> float:
-    """Released Prodigy d_coef by model size (doc, Procedure 7): 5 for 7B/13B, 10 for
+    """Released Prodigy d_coef by model size (docs/method.md §9.7): 5 for 7B/13B, 10 for
     30B, 50 for 65B/70B. Decided by parameter count: below 20B -> 5, below 50B -> 10,
     else 50 (so every smaller model, the fixtures included, gets 5)."""
     if n_params < 20e9:
@@ -80,7 +80,7 @@ def parameter_count(model: nn.Module) -> int:
 
 @dataclass
 class BesaOptions:
-    """BESA's knobs (CLI ``--besa-*``). Defaults are the released ones (doc, Procedure 3-7)."""
+    """BESA's knobs (CLI ``--besa-*``). Defaults are the released ones (docs/method.md §9.3-9.7)."""
 
     granularity: str = "row"        # "row" (published headline) or "layer" (one rate per linear)
     sigmoid: str = "auto"           # "auto" | "on" | "off"
@@ -116,12 +116,12 @@ def _candidates(device=None, dtype=torch.float32) -> Tensor:
 
 
 def candidate_probs(theta: Tensor, sigmoid: bool) -> Tensor:
-    """pi = softmax(sigmoid(theta)) (released default) or softmax(theta) (doc, Procedure 4)."""
+    """pi = softmax(sigmoid(theta)) (released default) or softmax(theta) (docs/method.md §9.4)."""
     return torch.softmax(torch.sigmoid(theta) if sigmoid else theta, dim=-1)
 
 
 class LinearRates:
-    """The learnable sparsity allocation of one linear (doc, Procedures 2-5).
+    """The learnable sparsity allocation of one linear (docs/method.md §9.2-9.5).
 
     ``score`` is the Wanda importance of every weight; ``prev_keep`` marks weights still
     alive (None: all). Every row is ranked ascending once (stable, ties by index, entries
@@ -157,13 +157,13 @@ class LinearRates:
         return candidate_probs(self.theta, self.sigmoid)
 
     def expected_rates(self, pi: Tensor | None = None) -> Tensor:
-        """s_r = sum_d pi_d max(p_d, prev_r / C), one per row (doc, Procedure 4)."""
+        """s_r = sum_d pi_d max(p_d, prev_r / C), one per row (docs/method.md §9.4)."""
         pi = self.probs() if pi is None else pi
         floor_rate = (self.prev_count.to(self.p.dtype) / self.cols)[:, None]
         return (pi * torch.maximum(self.p[None, :], floor_rate)).sum(-1).expand(self.rows)
 
     def counts(self, rates: Tensor) -> Tensor:
-        """Hard per-row pruned counts floor(s_r * C) (doc, Procedure 5), never below the
+        """Hard per-row pruned counts floor(s_r * C) (docs/method.md §9.5), never below the
         weights already pruned."""
         c = torch.floor(rates.detach() * self.cols).to(torch.int64)
         return torch.maximum(c.clamp(0, self.cols), self.prev_count)
@@ -174,7 +174,7 @@ class LinearRates:
 
     def soft_keep(self, pi: Tensor | None = None) -> Tensor:
         """1 - sum_d pi_d [rank < C p_d]: the keep probability of every weight, zero for the
-        weights already pruned (doc, Procedure 5)."""
+        weights already pruned (docs/method.md §9.5)."""
         pi = self.probs() if pi is None else pi
         tail = torch.flip(torch.cumsum(torch.flip(pi, [-1]), -1), [-1])      # sum_{d' >= d} pi_d'
         tail = torch.cat([tail, tail.new_zeros(tail.shape[0], 1)], -1)       # d = 101: nothing
@@ -187,7 +187,7 @@ class LinearRates:
 
     def mask(self) -> tuple[Tensor, Tensor]:
         """(straight-through mask, expected row rates): forward = hard mask, gradient through
-        the soft keep probabilities: mask = hard - soft.detach() + soft (doc, Procedure 5)."""
+        the soft keep probabilities: mask = hard - soft.detach() + soft (docs/method.md §9.5)."""
         pi = self.probs()
         rates = self.expected_rates(pi)
         soft = self.soft_keep(pi)
@@ -196,7 +196,7 @@ class LinearRates:
 
 
 def reconstruction_loss(out: Tensor, dense: Tensor, channel_ms: Tensor) -> Tensor:
-    """Channel-normalised reconstruction error (doc, Procedure 6; LoSA doc section 4) of
+    """Channel-normalised reconstruction error (docs/method.md §9.6 and section 4) of
     one batch: (1/d) sum_c mean_tokens (Y - Y_hat)_c^2 / ms_c, where ms_c is channel c's mean
     square over *all* calibration tokens. Summed over equal-size batches this is the e_l of
     the whole calibration set (divided by the number of batches)."""
@@ -208,7 +208,7 @@ def reconstruction_loss(out: Tensor, dense: Tensor, channel_ms: Tensor) -> Tenso
 
 
 def sparsity_penalty(expected: Tensor, target: float, lam: float) -> Tensor:
-    """lambda ((s_block - S) / S)^2 (doc, Procedure 6)."""
+    """lambda ((s_block - S) / S)^2 (docs/method.md §9.6)."""
     return lam * ((expected - target) / target) ** 2
 
 
@@ -290,7 +290,7 @@ def _rank_counts(runtime: Runtime, n_local: int) -> list[int]:
 
 def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, target: float, opts: BesaOptions,
                      batch_size: int, d_coef: float, layer: int = 0) -> BesaBlockResult:
-    """Learn one (gathered) block's allocation on its inputs ``acts`` (doc, Procedure 1-8);
+    """Learn one (gathered) block's allocation on its inputs ``acts`` (docs/method.md §9.1-9.8);
     on return ``acts.hidden`` holds the block's output with the learned masks applied."""
     from prodigyopt import Prodigy
 
@@ -384,7 +384,7 @@ def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, targ
 def besa_allocate(model: nn.Module, acts: Activations, runtime: Runtime, target: float, opts: BesaOptions,
                   batch_size: int) -> BesaAllocation:
     """BESA over every decoder layer in order, each learned on the outputs of the BESA-masked
-    layers before it (doc, Procedure 1 and 8). Weights are read (LoSA: merged), never
+    layers before it (docs/method.md §9.1 and §9.8). Weights are read (LoSA: merged), never
     written; ``acts`` is consumed. Returns per-row targets for a pruner to realise."""
     if not 0.0 <= target < 1.0:
         raise LosaZeroError(f"BESA target sparsity must be in [0, 1), got {target}")
@@ -405,3 +405,17 @@ def besa_allocate(model: nn.Module, acts: Activations, runtime: Runtime, target:
         with runtime.gathered(layers[l]):
             alloc.blocks.append(besa_learn_block(layers[l], acts, runtime, target, opts, batch_size, d_coef, l))
     return alloc
+
+
+class BesaAllocator(Allocator):
+    """BESA learns per-row (or per-linear) pruned counts at the target, block by block on its
+    own masked chain, without writing any weight; the pass's pruner then prunes every linear
+    to exactly those counts (with Wanda: BESA's masks; with SparseGPT: BESA's counts, OBS's
+    choice and update). The layer rates are BESA's realised ones, for the record."""
+
+    name = "besa"
+
+    def allocate(self, model, calib, runtime, target, delta) -> Allocation:
+        besa = besa_allocate(model, calib.capture(), runtime, target, BesaOptions.from_config(self.cfg),
+                             self.cfg.calib_batch_size)
+        return Allocation(besa.layer_rates, targets=besa.targets, records=[b.record() for b in besa.blocks])

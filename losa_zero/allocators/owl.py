@@ -1,5 +1,5 @@
 """OWL: outlier-weighted layer-wise sparsity (Yin et al., "Outlier Weighed Layerwise Sparsity
-(OWL)", ICML 2024), written from the method's description.
+(OWL)", ICML 2024); docs/method.md section 10.
 
 A layer whose Wanda scores have many outliers is harder to prune, so it gets less sparsity:
 
@@ -24,22 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .allocation import _as_floats, check_target_and_band
-from .blockwise import Activations, collect_input_stats, forward_block
-from .lora import SparseLoRALinear
-from .modeling import decoder_layers, layer_linears
-from .pruners import WandaPruner
-from .runtime import Runtime
-
-
-@torch.no_grad()
-def effective_weight(linear: nn.Module, runtime: Runtime) -> torch.Tensor:
-    """The weight the linear applies (float32, full): for a sparse-LoRA layer with an active
-    adapter that is the merged W + s (B_r A_r) ⊙ M (LoSA method doc section 1)."""
-    w = runtime.read_weight(linear)
-    if isinstance(linear, SparseLoRALinear) and linear.rank > 0:
-        w = w + linear.delta_weight().to(w.device)
-    return w
+from ..allocation import _as_floats, check_target_and_band
+from ..blockwise import Activations, collect_input_stats, forward_block
+from ..lora import SparseLoRALinear
+from ..modeling import decoder_layers, layer_linears
+from ..pruners import WandaPruner
+from ..runtime import Runtime
+from .base import Allocation, Allocator, effective_weight
 
 
 def layer_outlier_ratio(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], m: float,
@@ -114,3 +105,19 @@ def owl_rates(ratios, target: float, lam: float = 0.08) -> list[float]:
         dev = [d * lam / worst for d in dev]
     shift = sum(dev) / L                                  # float residue only
     return [min(target + lam, max(target - lam, target + d - shift)) for d in dev]
+
+
+class OwlAllocator(Allocator):
+    """Rates within target +- ``--owl-lambda`` from the outlier ratios (``--owl-m``), which
+    are the layers' importance (more outliers, fewer weights pruned)."""
+
+    name = "owl"
+    mixed_nm = True
+
+    def importance(self, model, calib, runtime):
+        cfg = self.cfg
+        return owl_outlier_ratios(model, calib.capture(), runtime, cfg.calib_batch_size, cfg.owl_m), None
+
+    def allocate(self, model, calib, runtime, target, delta) -> Allocation:
+        ratios, _ = self.importance(model, calib, runtime)
+        return Allocation(owl_rates(ratios, target, self.cfg.owl_lambda), importance=ratios)
