@@ -104,7 +104,7 @@ def ours_worker(job: dict) -> None:
     reset_peak_rss()
     rss_before = rss_bytes()
     t0 = time.perf_counter()
-    # The "prune" phase of losa_zero.pipeline.run_prune, on the given calibration tensor.
+    # The "prune" phase of losa_zero.lifecycle.PruneRun, on the given calibration tensor.
     acts = capture_inputs(model, calib, runtime, job["batch_size"])
     sequential_prune(model, acts, pruner, lambda l: {name: target for name in TARGET_LINEARS}, runtime,
                      job["batch_size"])

@@ -78,30 +78,6 @@ def linear_warmup_factor(step: int, total_steps: int, warmup_ratio: float) -> fl
     return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup)))
 
 
-@torch.no_grad()
-def clip_grad_norm_exact_(grads: list[torch.Tensor], max_norm: float, all_reduce=None) -> float:
-    """Scale ``grads`` in place so their global L2 norm is at most ``max_norm`` (torch's
-    ``clip_grad_norm_`` formula, max_norm / (norm + 1e-6)); returns the norm.
-
-    The norm is a float64 sum of squares, summed over ranks by ``all_reduce(tensor)`` when
-    the gradients are partitioned: it does not depend on how they are split, so one
-    process and any number of ZeRO-3 ranks clip by the same factor."""
-    dev = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for g in grads:
-        flat = g.reshape(-1)
-        for a in range(0, flat.numel(), 1 << 24):
-            sq += flat[a:a + (1 << 24)].to(torch.float64).square().sum()
-    if all_reduce is not None:
-        sq = all_reduce(sq)
-    norm = math.sqrt(float(sq))
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
-    return norm
-
-
 def micro_seed(seed: int, losa_step: int, opt_step: int, micro: int) -> int:
     """The RNG seed of one micro-batch's forward (LoRA dropout). Seeding every micro-batch
     from its position, not from a running stream, makes dropout the same whatever the number
@@ -154,8 +130,7 @@ class LocalTrainer:
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.max_grad_norm > 0:
-            clip_grad_norm_exact_([p.grad for p in self.params if p.grad is not None], self.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -86,7 +86,7 @@ def test_losa_summary_records_the_fallback(monkeypatch, stories_model_dir, tinys
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from losa_zero.config import LosaConfig, build_config
-    from losa_zero.pipeline import run_losa
+    from losa_zero.lifecycle import run_losa
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     torch.manual_seed(0)

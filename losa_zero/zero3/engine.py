@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LosaZeroError
-from ..finetune import adapter_parameters, clip_grad_norm_exact_
+from ..finetune import adapter_parameters
 from ..optimizers import choose_optimizer, make_optimizer
 
 log = logging.getLogger("losa_zero")
@@ -82,19 +82,38 @@ class ExactClipOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         return self.inner.add_param_group(param_group)
 
-    def _all_reduce(self, sq: torch.Tensor) -> torch.Tensor:
-        if not dist.is_initialized():
-            return sq
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        comm = sq.to(device)
-        dist.all_reduce(comm, group=self.group)
-        return comm
+    @torch.no_grad()
+    def global_norm(self) -> float:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        dev = grads[0].device if grads else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float64, device=dev)
+        for g in grads:
+            flat = g.reshape(-1)
+            for a in range(0, flat.numel(), 1 << 24):
+                sq += flat[a:a + (1 << 24)].to(torch.float64).square().sum()
+        if dist.is_initialized():
+            comm = sq.to(self._comm_device())
+            dist.all_reduce(comm, group=self.group)
+            sq = comm
+        return math.sqrt(float(sq))
+
+    @staticmethod
+    def _comm_device() -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.max_norm > 0:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.last_norm = clip_grad_norm_exact_(grads, self.max_norm, self._all_reduce)
+            norm = self.global_norm()
+            self.last_norm = norm
+            coef = self.max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
+            if coef < 1.0:
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
         return self.inner.step(closure)
 
 
