@@ -9,8 +9,8 @@ from __future__ import annotations
 from ..errors import LosaZeroError
 from .base import ROUNDING_MODES, LinearStats, Pruner, SparsityTarget
 from .magnitude import MagnitudePruner
-from .masks import (check_nm_width, count_to_prune, lowest_k_keep, nm_keep, realised_sparsity, row_counts_keep,
-                    rowwise_keep, satisfies_nm, select_keep)
+from .masks import (check_nm_width, count_to_prune, lowest_k_keep, nm_candidates, nm_keep, realised_sparsity,
+                    row_counts_keep, rowwise_keep, satisfies_nm, select_keep, toward_nm_keep)
 from .sparsegpt import HessianStats, SparseGPTPruner
 from .wanda import WandaPruner, WandaStats
 
@@ -33,5 +33,6 @@ def get_pruner(name: str, **options) -> Pruner:
 __all__ = [
     "PRUNERS", "ROUNDING_MODES", "HessianStats", "LinearStats", "MagnitudePruner", "Pruner", "SparseGPTPruner",
     "SparsityTarget", "WandaPruner", "WandaStats", "check_nm_width", "count_to_prune", "get_pruner",
-    "lowest_k_keep", "nm_keep", "realised_sparsity", "row_counts_keep", "rowwise_keep", "satisfies_nm", "select_keep",
+    "lowest_k_keep", "nm_candidates", "nm_keep", "realised_sparsity", "row_counts_keep", "rowwise_keep", "satisfies_nm",
+    "select_keep", "toward_nm_keep",
 ]

@@ -34,6 +34,17 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _nm_pair(pattern) -> tuple[int, int]:
+    """``(n, m)`` validated: integers with 1 <= n <= m."""
+    try:
+        n, m = pattern
+    except (TypeError, ValueError):
+        raise LosaZeroError(f"N:M pattern must be a pair (n_keep, m), got {pattern!r}") from None
+    if not (_is_int(n) and _is_int(m)) or m < 1 or not 1 <= n <= m:
+        raise LosaZeroError(f"N:M pattern {n}:{m} is invalid: need integers 1 <= n <= m (e.g. 2:4)")
+    return n, m
+
+
 @dataclass(frozen=True)
 class SparsityTarget:
     """What one linear must reach.
@@ -41,7 +52,8 @@ class SparsityTarget:
     ``rate`` is the fraction of weights pruned, in [0, 1). ``nm = (n_keep, m)`` asks for at
     most ``n_keep`` kept weights in every group of ``m`` consecutive input columns; its rate
     is derived (``1 - n/m``) so that reports treat both kinds alike. Build targets with
-    :meth:`unstructured` or :meth:`nm_pattern`; direct construction is validated too.
+    :meth:`unstructured`, :meth:`nm_pattern`, :meth:`toward_nm` or :meth:`per_row`; direct
+    construction is validated too.
     """
 
     rate: float
@@ -50,6 +62,11 @@ class SparsityTarget:
     #: is the linear's in_features they refer to.
     row_counts: tuple[int, ...] | None = None
     row_width: int | None = None
+    #: ``(n, m)``: an unstructured ``rate`` that never prunes more than ``m - n`` weights of
+    #: any group of ``m`` consecutive input columns, so a later step can still reach exactly
+    #: n:m without bringing a pruned weight back (LoSA's progressive steps toward N:M); see
+    #: :meth:`toward_nm`.
+    toward: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.row_counts is not None or self.row_width is not None:
@@ -61,24 +78,28 @@ class SparsityTarget:
         if not 0.0 <= rate < 1.0:
             raise LosaZeroError(
                 f"sparsity rate must be in [0, 1) (fraction pruned), got {rate}: pass e.g. 0.5 for 50%")
+        if self.nm is not None and self.toward is not None:
+            raise LosaZeroError("a target is either an N:M pattern or a step toward one, not both")
         if self.nm is not None:
-            try:
-                n, m = self.nm
-            except (TypeError, ValueError):
-                raise LosaZeroError(f"N:M pattern must be a pair (n_keep, m), got {self.nm!r}") from None
-            if not (_is_int(n) and _is_int(m)) or m < 1 or not 1 <= n <= m:
-                raise LosaZeroError(f"N:M pattern {n}:{m} is invalid: need integers 1 <= n <= m (e.g. 2:4)")
+            n, m = _nm_pair(self.nm)
             derived = 1.0 - n / m
             if abs(rate - derived) > 1e-9:
                 raise LosaZeroError(
                     f"N:M {n}:{m} prunes {derived:g} of the weights, not {rate:g}: use SparsityTarget.nm_pattern({n}, {m})")
             object.__setattr__(self, "nm", (n, m))
             rate = derived
+        elif self.toward is not None:
+            n, m = _nm_pair(self.toward)
+            if rate > 1.0 - n / m + 1e-12:
+                raise LosaZeroError(f"a step toward N:M {n}:{m} can prune at most {1 - n / m:g} of the weights, "
+                                    f"got rate {rate:g}")
+            object.__setattr__(self, "toward", (n, m))
+            rate = min(rate, 1.0 - n / m)
         object.__setattr__(self, "rate", float(rate))
 
     def _init_per_row(self) -> None:
-        if self.nm is not None:
-            raise LosaZeroError("a per-row target cannot also be an N:M pattern")
+        if self.nm is not None or self.toward is not None:
+            raise LosaZeroError("a per-row target cannot also be an N:M pattern or a step toward one")
         width, counts = self.row_width, self.row_counts
         if not _is_int(width) or width < 1 or counts is None:
             raise LosaZeroError(f"per-row target needs row_counts and a positive row_width, got {width!r}")
@@ -117,9 +138,16 @@ class SparsityTarget:
     @classmethod
     def nm_pattern(cls, n: int, m: int) -> "SparsityTarget":
         """Keep at most ``n`` weights in every ``m`` consecutive input columns (2:4 = 50%)."""
-        if not (_is_int(n) and _is_int(m)) or m < 1 or not 1 <= n <= m:
-            raise LosaZeroError(f"N:M pattern {n}:{m} is invalid: need integers 1 <= n <= m (e.g. 2:4)")
+        n, m = _nm_pair((n, m))
         return cls(1.0 - n / m, (n, m))
+
+    @classmethod
+    def toward_nm(cls, rate: float, n: int, m: int) -> "SparsityTarget":
+        """Prune the fraction ``rate`` of the linear's weights (per row, like
+        :meth:`unstructured`) but at most ``m - n`` in any group of ``m`` consecutive input
+        columns: every group still holds ``n`` survivors, so a later n:m step completes the
+        pattern exactly (``rate`` <= 1 - n/m)."""
+        return cls(rate, None, None, None, (n, m))
 
     @property
     def is_nm(self) -> bool:
@@ -131,6 +159,8 @@ class SparsityTarget:
             return f"{self.nm[0]}:{self.nm[1]}"
         if self.row_counts is not None:
             return f"per-row {100 * self.rate:.2f}%"
+        if self.toward is not None:
+            return f"{100 * self.rate:.2f}% toward {self.toward[0]}:{self.toward[1]}"
         return f"{100 * self.rate:.2f}%"
 
 
@@ -268,10 +298,11 @@ class Pruner(ABC):
         if target.row_counts is not None and (len(target.row_counts) != rows or target.row_width != cols):
             raise ValueError(f"{self.name}: per-row target is for [{len(target.row_counts)}, {target.row_width}] "
                              f"but weight {name or ''} is [{rows}, {cols}]")
-        if target.nm is not None:
-            from .masks import check_nm_width
+        for pattern in (target.nm, target.toward):
+            if pattern is not None:
+                from .masks import check_nm_width
 
-            check_nm_width(cols, target.nm[0], target.nm[1], name)
+                check_nm_width(cols, pattern[0], pattern[1], name)
         if not torch.isfinite(weight).all():
             raise ValueError(f"{self.name}: weight {name or ''} contains NaN or Inf; cannot prune it")
         if target.rate == 0.0 and prev_keep is None:

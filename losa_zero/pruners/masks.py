@@ -105,6 +105,23 @@ def nm_keep(score: Tensor, n: int, m: int, prev_keep: Tensor | None = None) -> T
     return keep
 
 
+def nm_candidates(score: Tensor, n: int, m: int, prev_keep: Tensor | None = None) -> Tensor:
+    """True where a weight may still be pruned without any group of ``m`` consecutive
+    columns keeping fewer than ``n``: the ``m - n`` lowest scores of every group (entries
+    outside prev_keep first, as the lowest)."""
+    return ~nm_keep(score, n, m, prev_keep)
+
+
+def toward_nm_keep(score: Tensor, rate: float, n: int, m: int, prev_keep: Tensor | None = None,
+                   rounding: str = "nearest") -> Tensor:
+    """Per-row unstructured selection (:func:`rowwise_keep`) restricted to the
+    :func:`nm_candidates`: each row loses its share of ``rate`` among its lowest scores, but
+    no group of ``m`` loses more than ``m - n``, so an exact n:m mask can follow later
+    without reviving a pruned weight."""
+    allowed = nm_candidates(score, n, m, prev_keep)
+    return rowwise_keep(score.masked_fill(~allowed, float("inf")), rate, prev_keep, rounding)
+
+
 def lowest_k_keep(score: Tensor, k: int, prev_keep: Tensor | None = None) -> Tensor:
     """Keep mask pruning the ``k`` lowest scores jointly over the whole tensor (ties by
     row-major index), plus everything outside ``prev_keep``."""
@@ -143,11 +160,13 @@ def row_counts_keep(score: Tensor, counts: Tensor, prev_keep: Tensor | None = No
 def select_keep(score: Tensor, target: SparsityTarget, prev_keep: Tensor | None = None,
                 rounding: str = "nearest") -> Tensor:
     """Keep mask for ``target``: N:M groups, per-row counts (BESA), or per-row comparison
-    for unstructured rates."""
+    for unstructured rates (restricted to the N:M candidates for a step toward N:M)."""
     if target.nm is not None:
         return nm_keep(score, target.nm[0], target.nm[1], prev_keep)
     if target.row_counts is not None:
         return row_counts_keep(score, torch.tensor(target.row_counts, dtype=torch.int64), prev_keep)
+    if target.toward is not None:
+        return toward_nm_keep(score, target.rate, target.toward[0], target.toward[1], prev_keep, rounding)
     return rowwise_keep(score, target.rate, prev_keep, rounding)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import LosaZeroError
 from .base import LinearStats, Pruner, SparsityTarget
-from .masks import count_to_prune, lowest_k_keep, nm_keep, row_counts_keep
+from .masks import count_to_prune, lowest_k_keep, nm_candidates, nm_keep, row_counts_keep
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,10 @@ class SparseGPTPruner(Pruner):
 
         nm = target.nm
         bs = self.blocksize
-        if nm is not None:
+        group = nm or target.toward
+        if group is not None:
             # N:M groups must not straddle blocks: round the block down to a multiple of m.
-            bs = max(nm[1], bs - bs % nm[1])
+            bs = max(group[1], bs - bs % group[1])
         keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
         pruned_so_far = 0
         row_counts = None
@@ -178,7 +179,13 @@ class SparseGPTPruner(Pruner):
                     # and a block that already lost more (prev_keep) lets later blocks prune
                     # less, so the layer stays as close to its rate as possible (§5.3).
                     k = count_to_prune(target.rate, rows * i2) - pruned_so_far
-                keep1 = lowest_k_keep(w1.square() / d.square()[None, :], k, prev1)
+                sal = w1.square() / d.square()[None, :]
+                if target.toward is not None:
+                    # A step toward N:M: only the m - n lowest of every group may go.
+                    allowed = nm_candidates(sal, target.toward[0], target.toward[1], prev1)
+                    sal = sal.masked_fill(~allowed, float("inf"))
+                    k = min(k, int(allowed.sum()))
+                keep1 = lowest_k_keep(sal, k, prev1)
                 pruned_so_far += int((~keep1).sum())
             else:
                 keep1 = torch.ones_like(w1, dtype=torch.bool)
