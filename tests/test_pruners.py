@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
+from losa_zero.allocation import cubic_schedule
 from losa_zero.errors import LosaZeroError
 from losa_zero.pruners import (HessianStats, SparsityTarget, WandaStats, get_pruner, lowest_k_keep, nm_keep,
-                               realised_sparsity, rowwise_keep, satisfies_nm)
+                               realised_sparsity, rowwise_keep, satisfies_nm, toward_nm_keep)
 
 ALL = ("magnitude", "wanda", "sparsegpt")
 
@@ -370,3 +372,82 @@ def test_stats_reference_values():
     torch.testing.assert_close(hs.hessian(), 2 * xf.T @ xf / 15)
     assert ws.count == hs.count == 15
     assert [t.shape for t in hs.tensors()] == [(6, 6), (1,)]
+
+
+# -- selection toward N:M -------------------------------------------------------------------------
+
+def _reference_toward(score: torch.Tensor, per_row: int, n: int, m: int, prev: torch.Tensor | None) -> torch.Tensor:
+    """Independent loop version: in each row, the candidates are the m - n lowest of every
+    group (previously pruned first, then by score, then by index); the row prunes its
+    ``per_row`` lowest candidates (previously pruned first)."""
+    rows, cols = score.shape
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        def key(j):
+            was_pruned = prev is not None and not bool(prev[r, j])
+            return (0 if was_pruned else 1, float(score[r, j]), j)
+
+        cands = []
+        for g in range(0, cols, m):
+            cands += sorted(range(g, g + m), key=key)[:m - n]
+        for j in sorted(cands, key=key)[:per_row]:
+            keep[r, j] = False
+        if prev is not None:
+            keep[r] &= prev[r]
+    return keep
+
+
+def test_toward_nm_keep_matches_reference():
+    rng = random.Random(0)
+    for trial in range(40):
+        m = rng.choice([4, 8])
+        n = rng.randint(1, m - 1)
+        rows, cols = rng.randint(1, 6), m * rng.randint(1, 5)
+        score = torch.randint(0, 6, (rows, cols)).float() if trial % 3 == 0 else torch.rand(rows, cols)
+        prev = None
+        if trial % 2:
+            prev = torch.ones(rows, cols, dtype=torch.bool)
+            for r in range(rows):  # up to m - n earlier prunes per group, as earlier steps leave them
+                for g in range(0, cols, m):
+                    for j in rng.sample(range(g, g + m), rng.randint(0, m - n)):
+                        prev[r, j] = False
+        per_row = rng.randint(0, cols * (m - n) // m)
+        rate = per_row / cols
+        got = toward_nm_keep(score, rate, n, m, prev, rounding="floor")
+        assert torch.equal(got, _reference_toward(score, per_row, n, m, prev)), trial
+        assert bool((got.reshape(rows, -1, m).sum(-1) >= n).all())
+        if prev is not None:
+            assert bool((got <= prev).all())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_steps_toward_2_4_end_exactly_2_4(method):
+    """Cubic steps toward 50% capped at 2 pruned per group of 4, then 2:4: every step meets its
+    rate, keeps what was pruned pruned, and the end is exact 2:4 (2 kept in every group)."""
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 64), torch.randn(300, 64)
+    pruner = get_pruner(method)
+    stats = pruner.new_stats(64)
+    if stats is not None:
+        stats.add_batch(x)
+    prev = None
+    for rate in cubic_schedule(0.5, 5)[:-1]:
+        _, keep = pruner.prune(w, stats, SparsityTarget.toward_nm(rate, 2, 4), prev_keep=prev)
+        assert abs((1 - keep.float().mean().item()) - rate) <= 1 / w.numel() + 1e-9
+        assert bool((keep.reshape(24, 16, 4).sum(-1) >= 2).all())
+        assert prev is None or bool((keep <= prev).all())
+        prev = keep
+    new_w, keep = pruner.prune(w, stats, SparsityTarget.nm_pattern(2, 4), prev_keep=prev)
+    assert bool((keep <= prev).all()) and bool((keep.reshape(24, 16, 4).sum(-1) == 2).all())
+    assert bool((new_w[~keep] == 0).all())
+
+
+def test_target_validation():
+    assert SparsityTarget.toward_nm(0.3, 2, 4).describe() == "30.00% toward 2:4"
+    assert SparsityTarget.toward_nm(0.5, 2, 4).rate == 0.5
+    with pytest.raises(LosaZeroError, match="at most 0.5"):
+        SparsityTarget.toward_nm(0.6, 2, 4)
+    with pytest.raises(LosaZeroError):
+        SparsityTarget(0.5, (2, 4), toward=(2, 4))
+    with pytest.raises(LosaZeroError, match="divisible by 8"):
+        get_pruner("magnitude").prune(torch.randn(4, 12), None, SparsityTarget.toward_nm(0.2, 4, 8))
