@@ -256,8 +256,8 @@ def part_a(args, out: Path, fx: dict, device: str, smoke: bool, timeout: float) 
     res = {k: (json.loads(js.read_text()) if js.exists() else {}) for k, (_, js) in procs.items()}
     labels = [(label, kind) for label, kind, _ in fixture_runs(fx, SIZES["smoke" if smoke else "gpu"])]
     ok, rows = compare_fixture_runs(res[(device, dtype)], res[("cpu", "float32")], labels)
-    md = table([f"run ({device} {dtype} vs cpu float32)", f"ppl {device}", "ppl cpu", "rel diff", "tolerance",
-                f"sparsity {device}", "sparsity cpu", "result"], rows)
+    md = table([f"run ({device} {dtype} vs cpu float32)", f"ppl {device} {dtype}", "ppl cpu float32", "rel diff",
+                "tolerance", f"sparsity {device} {dtype}", "sparsity cpu float32", "result"], rows)
     secs = {f"{d} {t}": round(sum(v.get("seconds", 0) for v in r.values()), 1) for (d, t), r in res.items()}
     md += f"\n\nwall seconds per device (both ran at the same time): {secs}\n"
     return {"ok": ok, "results": {f"{d} {t}": r for (d, t), r in res.items()}, "markdown": md}
