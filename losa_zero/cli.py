@@ -82,6 +82,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return cli_run(args.config, args.overrides, args.command_line)
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress_command import cmd_compress as run
+
+    return run(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval_command import run_eval
 
@@ -139,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     # `losa-zero plan` has its own parser (losa_zero/plan.py); main() hands it the arguments
     sub.add_parser("plan", add_help=False,
                    help="per-GPU / per-node memory of a ZeRO-3 LoSA run and whether it fits (exit 3 if not)")
+
+    p = sub.add_parser("compress", help="rewrite an exported model directory in the compressed-tensors sparse format")
+    p.add_argument("model_dir", help="model directory (dense safetensors, e.g. the output of prune / losa / train)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--shard-size", default="5GB", help="largest shard, in dense bytes (default: 5GB)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model directory")
     _add_config_flags(p, EvalConfig)

@@ -87,14 +87,20 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     except (OSError, ValueError, KeyError) as exc:
         raise LosaZeroError(f"cannot read {p / 'config.json'} ({exc}): pass a folder made by save_pretrained") from exc
     check_supported(config)
+    from .compressed import load_compressed_model, sparsity_config
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            p,
-            dtype=dtype,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa",
-        )
+        if sparsity_config(p) is not None:  # a compressed-tensors sparse directory
+            model = load_compressed_model(p, config, dtype, trust_remote_code=trust_remote_code,
+                                          attn_implementation="sdpa")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                p,
+                dtype=dtype,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                attn_implementation="sdpa",
+            )
     except OSError as exc:
         raise LosaZeroError(f"cannot load model weights from {p}: {exc}".splitlines()[0]) from exc
     model.eval()

@@ -111,6 +111,11 @@ class Runtime:
         """Make ``module``'s full parameters readable (and writable) inside the block."""
         yield
 
+    @contextlib.contextmanager
+    def gathered_params(self, params, linears=()) -> Iterator[None]:
+        """Make ``params`` readable inside the block (they always are here)."""
+        yield
+
     def read_weight(self, linear: nn.Module) -> torch.Tensor:
         """The full weight as a float32 copy (algorithms work in fp32 whatever the storage)."""
         return linear.weight.detach().float().clone()

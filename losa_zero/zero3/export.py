@@ -1,72 +1,57 @@
-"""Streamed export of a ZeRO-3 model to an ordinary Hugging Face safetensors folder.
+"""Streamed export of a model to an ordinary Hugging Face safetensors folder, dense or in
+a compressed-tensors sparse format.
 
 The whole model is never gathered anywhere: parameter groups (a decoder layer, then the
 embeddings / final norm / untied head) are gathered one at a time, in the order of the
 shard plan, and each shard file is written by one rank (shard i by rank i mod world), which
-keeps at most one shard's tensors in host memory. The sparse-LoRA factors are left out:
+keeps at most one shard's tensors in host memory. With a compressor, the owner compresses
+the shard's target linears before writing it. The sparse-LoRA factors are left out:
 after the final merge the adapted layers are plain linears (rank 0), with the names a
-``LlamaForCausalLM`` expects (``...q_proj.weight``). The result loads with
-``AutoModelForCausalLM.from_pretrained`` and no losa_zero import.
+``LlamaForCausalLM`` expects (``...q_proj.weight``). A dense result loads with
+``AutoModelForCausalLM.from_pretrained`` and no losa_zero import. On one process (the
+plain :class:`~losa_zero.runtime.Runtime`) the same code writes the same files.
 """
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import torch
 
-from ..errors import LosaZeroError
-from ..outputs import write_json_atomic
+from ..shards import ShardWriter, parse_size, plan_groups, write_index
 from .checkpoint import param_groups
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
-          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
-
-
-def parse_size(text) -> int:
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = _SIZE.match(str(text))
-    if not m:
-        raise LosaZeroError(f"export_shard_size {text!r} is not a size like 5GB or 500MB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+__all__ = ["export_model", "parse_size", "plan_shards"]
 
 
 def _exported(name: str) -> bool:
     return not (name.endswith(".lora_A") or name.endswith(".lora_B"))
 
 
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def plan_shards(model, max_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
     """Groups of (name, parameter), in gather order, cut into shards of at most ``max_bytes``
     (a group is never split; a group larger than the limit is a shard of its own)."""
     names = {id(p): n for n, p in model.named_parameters()}  # named_parameters drops tied duplicates
-    shards, cur, size = [], [], 0
+    groups = []
     for group in param_groups(model):
         items = [(names[id(p)], p) for p in group if id(p) in names and _exported(names[id(p)])]
-        if not items:
-            continue
-        nbytes = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for _, p in items)
-        if cur and size + nbytes > max_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.extend(items)
-        size += nbytes
-    if cur:
-        shards.append(cur)
-    return shards
+        if items:
+            groups.append(items)
+    plan = plan_groups([sum(_numel(p) * p.element_size() for _, p in g) for g in groups], max_bytes)
+    return [[item for gi in shard for item in groups[gi]] for shard in plan]
 
 
-def export_model(model, tokenizer, out_dir: Path, runtime, max_shard_bytes: int) -> dict:
-    """Write ``model`` as sharded safetensors (+ config, tokenizer) into ``out_dir``."""
-    from safetensors.torch import save_file
-
+def export_model(model, tokenizer, out_dir: Path, runtime, max_shard_bytes: int, compressor=None) -> dict:
+    """Write ``model`` as sharded safetensors (+ config, tokenizer) into ``out_dir``;
+    ``compressor`` (a :class:`~losa_zero.compressed.GroupCompressor`) stores its target
+    linears compressed and adds the compression config to config.json."""
     out_dir = Path(out_dir)
     shards = plan_shards(model, max_shard_bytes)
     n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
+    writer = ShardWriter(out_dir, n, compressor)
     bar = runtime.progress(range(n), desc="export", unit="shard")
     for i in bar:
         owner = i % runtime.world_size
@@ -86,19 +71,13 @@ def export_model(model, tokenizer, out_dir: Path, runtime, max_shard_bytes: int)
                 if runtime.rank == owner:
                     for name, p in part:
                         tensors[name] = p.detach().to("cpu").contiguous().clone()
-        for name, p in items:
-            weight_map[name] = files[i]
-            total += int(getattr(p, "ds_numel", p.numel())) * p.element_size()
         if runtime.rank == owner:
-            tmp = out_dir / f".{files[i]}.tmp"
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, out_dir / files[i])
+            writer.write(i, tensors)
         del tensors
-    runtime.barrier()
+    parts = runtime.all_gather_object((writer.state(), compressor.stats.to_dict() if compressor else None))
+    result = {"shards": n, "bytes": 0}
     if runtime.is_main:
-        if n > 1:
-            write_json_atomic(out_dir / "model.safetensors.index.json",
-                              {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        result["bytes"] = write_index(out_dir, [p[0] for p in parts], n)
         config = model.config
         config.save_pretrained(out_dir)
         gen = getattr(model, "generation_config", None)
@@ -109,5 +88,7 @@ def export_model(model, tokenizer, out_dir: Path, runtime, max_shard_bytes: int)
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
+        if compressor is not None:
+            result.update(compressor.finish(out_dir, [p[1] for p in parts]))
     runtime.barrier()
-    return {"shards": n, "bytes": total}
+    return result
