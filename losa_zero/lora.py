@@ -50,10 +50,23 @@ while peft's unmasked LoRA costs only ~6 T r (d_in + d_out).
   that requires grad; autocast.
 
 Both paths apply the mask in place in row blocks on CPU (multiplying by a bool tensor
-otherwise materialises a float copy of the whole mask), build the masked update (or the
-merged weight) as the one weight-sized tensor alive at a time, and compute g^T x in token blocks when the
-activations must be cast to the adapter's dtype (bf16 model, fp32 adapters), so no
-activation-sized fp32 copy is made.
+otherwise materialises a float copy of the whole mask) and build the masked update (or the
+merged weight) as the one weight-sized tensor alive at a time.
+
+Precision policy (the same for the single-process layer and the ZeRO-3 layer):
+- The factors' master copy and the optimizer state are float32: on one process the
+  parameters themselves; under ZeRO-3 DeepSpeed's float32 master partition, of which a
+  bf16 run's partitioned parameters are the bf16 compute copies (as for every parameter of
+  a bf16 ZeRO-3 model).
+- The masked update s * (B_r A_r) ⊙ M is formed from the factors in float32 and rounded
+  once to the compute dtype; on the merged path W + s * update is summed in float32 (the
+  merged path only runs for float32 weights, see above: a bf16 W would swallow the update).
+- The compute dtype is the base linear's (the weights' dtype, or autocast's): every
+  weight-sized product (forward x update^T, input gradient g update, and g^T x) runs in it,
+  which is bf16 on tensor cores when the model is bf16. The rank-sized products of the
+  factor gradients run in it too, as under autocast; the gradients are returned in the
+  factors' dtype. The unmasked low-rank adapter (no mask yet) runs in float32: its cost is
+  rank-sized.
 """
 from __future__ import annotations
 
@@ -71,8 +84,6 @@ _MERGE_DTYPES = (torch.float32, torch.float64)
 # Row blocks for the in-place mask product on CPU (bool -> float promotion would otherwise
 # allocate a weight-sized float copy of the mask): ~1 MiB of float32 per block.
 _CPU_BLOCK_ELEMENTS = 1 << 18
-# Token blocks for g^T x when the activations are cast to the adapter's dtype.
-_CAST_BLOCK_ELEMENTS = 1 << 24
 
 
 def _row_block(rows: int, cols: int, device: torch.device) -> int:
@@ -84,10 +95,14 @@ def _row_block(rows: int, cols: int, device: torch.device) -> int:
 def _masked_update(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float,
                    base: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``base + scale * (B @ A) ⊙ keep`` (``base`` None: without it) as a new tensor of
-    ``dtype`` (default A's). The product is formed in A's dtype; the result is the only
-    weight-sized tensor made (plus, on one-block devices, the product before a dtype cast)."""
+    ``dtype`` (default A's). The product, mask and sum are formed in float32 (at least) from
+    the factors, whatever their storage dtype (precision policy, module docstring); the
+    result is the only weight-sized tensor made (plus, on one-block devices, the float32
+    product before the cast to ``dtype``)."""
     rows, cols = B.shape[0], A.shape[1]
     dtype = dtype or A.dtype
+    work = torch.promote_types(A.dtype, torch.float32)
+    A, B = A.to(work), B.to(work)
     step = _row_block(rows, cols, A.device)
     if step >= rows:
         d = B @ A
@@ -113,19 +128,6 @@ def _mask_(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     for o in range(0, t.shape[0], step):
         t[o:o + step].mul_(keep[o:o + step])
     return t
-
-
-def _outer(g2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g2^T @ x2`` in ``dtype`` (tokens x d_out, tokens x d_in). When the inputs must be
-    cast, they are cast and accumulated in token blocks instead of copied whole."""
-    if g2.dtype == dtype and x2.dtype == dtype:
-        return g2.t() @ x2
-    step = max(1, _CAST_BLOCK_ELEMENTS // (g2.shape[1] + x2.shape[1]))
-    out = None
-    for t in range(0, g2.shape[0], step):
-        gc, xc = g2[t:t + step].to(dtype), x2[t:t + step].to(dtype)
-        out = gc.t() @ xc if out is None else out.addmm_(gc.t(), xc)
-    return out
 
 
 def _matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,10 +165,13 @@ def _grad_2d(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, tor
 def _adapter_grads(g2, x2, A, B, keep, scale, need_A: bool, need_B: bool):
     """Gradients of A_r and B_r from the gradient of the masked update,
     s * (g^T x) ⊙ M: masked entries get exactly zero, so no gradient reaches a pruned
-    position. The weight-sized g^T x is the only tensor of its size alive here."""
-    grad_delta = _mask_(_outer(g2, x2, A.dtype), keep)
-    grad_A = (B.t() @ grad_delta).mul_(scale) if need_A else None
-    grad_B = (grad_delta @ A.t()).mul_(scale) if need_B else None
+    position. g^T x, the weight-sized product, runs in the compute dtype (``x2``'s) and is
+    the only tensor of its size alive here; the rank-sized products run in it too, and the
+    gradients come back in the factors' dtype."""
+    compute = x2.dtype
+    grad_delta = _mask_(g2.to(compute).t() @ x2, keep)
+    grad_A = (B.to(compute).t() @ grad_delta).mul_(scale).to(A.dtype) if need_A else None
+    grad_B = (grad_delta @ A.to(compute).t()).mul_(scale).to(B.dtype) if need_B else None
     return grad_A, grad_B
 
 
@@ -371,10 +376,11 @@ class SparseLoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         A = self.lora_A[:r]
         B = self.lora_B[:, :r]
-        xd = self.lora_dropout(x).to(A.dtype)
-        if keep is None:
-            return y + (self.scale * F.linear(F.linear(xd, A), B)).to(y.dtype)
-        return y + _MaskedLoRAProduct.apply(xd, A, B, keep, keep_fn, self.scale).to(y.dtype)
+        xd = self.lora_dropout(x)
+        if keep is None:  # low-rank: rank-sized cost, float32 (precision policy, module docstring)
+            return y + (self.scale * F.linear(F.linear(xd.float(), A.float()), B.float())).to(y.dtype)
+        # weight-sized products in the compute dtype: the base linear's output dtype
+        return y + _MaskedLoRAProduct.apply(xd.to(y.dtype), A, B, keep, keep_fn, self.scale)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}/{self.max_rank}, "

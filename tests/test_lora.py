@@ -227,7 +227,6 @@ def blocking(request, monkeypatch):
 
     if request.param == "blocks":
         monkeypatch.setattr(lora_mod, "_CPU_BLOCK_ELEMENTS", 3 * 24)
-        monkeypatch.setattr(lora_mod, "_CAST_BLOCK_ELEMENTS", 5 * 64)
     return request.param
 
 
@@ -260,11 +259,11 @@ def test_masked_paths_match_dense_reference(dtypes, path, store, blocking):
     if dtypes == "fp32":
         tol = dict(rtol=1e-5, atol=1e-5)
         tols = (tol, tol, tol, tol)
-    else:  # bf16 output and input gradient: bf16 rounding; adapter gradients: in the adapter's dtype
+    else:  # bf16: every product runs in bf16 (the precision policy), so bf16 rounding everywhere
         bf = dict(rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
         gx = dict(rtol=2e-2, atol=2e-2 * float(x2.grad.abs().max()))
-        ga = dict(rtol=1e-5, atol=1e-4) if a_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * float(A.grad.abs().max()))
-        gb = dict(rtol=1e-5, atol=1e-4) if a_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * float(B.grad.abs().max()))
+        ga = dict(rtol=2e-2, atol=2e-2 * float(A.grad.abs().max()))
+        gb = dict(rtol=2e-2, atol=2e-2 * float(B.grad.abs().max()))
         tols = (bf, gx, ga, gb)
     torch.testing.assert_close(y.float(), ref, **tols[0])
     torch.testing.assert_close(x.grad.float(), x2.grad, **tols[1])
