@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .modeling import decoder_layers, layer_linears
+from .modeling import decoder_layers, input_groups, layer_linears
 from .pruners import Pruner, SparsityTarget
 from .runtime import Runtime
 
@@ -92,23 +92,30 @@ def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: 
 
 @torch.no_grad()
 def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, runtime: Runtime, batch_size: int) -> dict:
-    """Per-linear statistics of the inputs of the block's target linears, summed over all ranks."""
+    """Statistics of the inputs of the block's target linears, summed over all ranks, by
+    linear name. Linears that read the same input (``modeling.input_groups``: q/k/v,
+    gate/up) share one statistics object, accumulated once from the group's first linear."""
     linears = layer_linears(block)
-    stats = {name: runtime.new_stats(pruner, lin.in_features) for name, lin in linears.items()}
-    if all(s is None for s in stats.values()):
-        return stats
+    stats: dict = {}
     handles = []
-    for name, lin in linears.items():
-        if stats[name] is not None:
-            handles.append(lin.register_forward_hook(lambda m, inp, out, s=stats[name]: s.add_batch(inp[0].detach())))
+    for group in input_groups(block):
+        first = linears[group[0]]
+        s = runtime.new_stats(pruner, first.in_features)
+        stats.update({name: s for name in group})
+        if s is not None:
+            handles.append(first.register_forward_hook(lambda m, inp, out, s=s: s.add_batch(inp[0].detach())))
+    if set(stats) != set(linears):
+        raise RuntimeError(f"input_groups does not cover the layer's linears: {sorted(set(linears) ^ set(stats))}")
+    if not handles:
+        return stats
     try:
         forward_block(block, acts, batch_size, runtime.device)
     finally:
         for h in handles:
             h.remove()
-    for s in stats.values():
-        if s is not None:
-            runtime.all_reduce_sum_(s.tensors())
+    for s in {id(s): s for s in stats.values() if s is not None}.values():
+        runtime.all_reduce_sum_(s.tensors())
+        s.reduced()
     return stats
 
 

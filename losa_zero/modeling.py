@@ -133,6 +133,18 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def input_groups(layer: nn.Module) -> list[tuple[str, ...]]:
+    """The layer's target linears grouped by the input they read, in order (names relative
+    to the layer): linears of one group see the same activations, so they share one set of
+    calibration statistics (one Wanda norm, one SparseGPT Hessian and its factorisation)."""
+    layer_linears(layer)  # the layout check
+    return list(_INPUT_GROUPS)
+
+
+# LLaMA layout: q/k/v read the attention input, gate/up the MLP input.
+_INPUT_GROUPS = (TARGET_LINEARS[0:3], TARGET_LINEARS[3:4], TARGET_LINEARS[4:6], TARGET_LINEARS[6:7])
+
+
 def linear_full_names(model: nn.Module) -> list[str]:
     """Fully qualified names (``model.layers.0.self_attn.q_proj``...) of every target linear,
     layer by layer; these are the keys used in masks, reports and sparsity allocations."""

@@ -164,6 +164,14 @@ class SparsityTarget:
         return f"{100 * self.rate:.2f}%"
 
 
+def check_nm_width(in_features: int, n: int, m: int, name: str | None = None) -> None:
+    """Raise a user error when N:M groups cannot tile the input width."""
+    if in_features % m:
+        fits = "use 2:4 or unstructured" if in_features % 4 == 0 and m != 4 else "use unstructured"
+        raise LosaZeroError(
+            f"N:M {n}:{m} needs input width divisible by {m}; {name or 'this linear'} has {in_features} inputs: {fits}")
+
+
 class LinearStats(ABC):
     """Statistics of one linear's input activations, kept as sums so ranks can all-reduce them.
 
@@ -179,6 +187,7 @@ class LinearStats(ABC):
         self._follow_data = device is None
         self._device = torch.device("cpu") if device is None else torch.device(device)
         self._count = torch.zeros(1, dtype=torch.int64, device=self._device)
+        self._narrowed: dict[str, torch.dtype] = {}
 
     @abstractmethod
     def add_batch(self, x: Tensor) -> None:
@@ -193,6 +202,26 @@ class LinearStats(ABC):
     def _buffers(self) -> list[str]:
         """Attribute names of the sum buffers (for :meth:`to`)."""
 
+    def widen_vector_sums(self) -> "LinearStats":
+        """Accumulate the per-column sum vectors in float64 from now on (call before the
+        first batch). Each batch's float32 sum is the same however the batches are split
+        between ranks, and their float64 total is then the same too, so the statistic (and
+        the mask) does not depend on the number of ranks. :meth:`reduced` rounds back."""
+        for attr in self._buffers():
+            t = getattr(self, attr)
+            if t.dim() == 1 and t.is_floating_point() and t.dtype != torch.float64:
+                self._narrowed[attr] = t.dtype
+                setattr(self, attr, t.to(torch.float64))
+        return self
+
+    def reduced(self) -> None:
+        """Called once the sums hold the whole calibration set (after the all-reduce):
+        vectors widened by :meth:`widen_vector_sums` go back to their own dtype, so the
+        pruner scores in its usual precision."""
+        for attr, dtype in self._narrowed.items():
+            setattr(self, attr, getattr(self, attr).to(dtype))
+        self._narrowed = {}
+
     @property
     def count(self) -> int:
         """Number of tokens accumulated (after the all-reduce: over all ranks)."""
@@ -206,7 +235,9 @@ class LinearStats(ABC):
         """Move the buffers (in place) to ``device`` and pin them there."""
         device = torch.device(device)
         for attr in self._buffers() + ["_count"]:
-            setattr(self, attr, getattr(self, attr).to(device))
+            t = getattr(self, attr)
+            if t is not None:  # a buffer freed once it was used (SparseGPT's factorised Hessian)
+                setattr(self, attr, t.to(device))
         self._device = device
         self._follow_data = False
         return self
@@ -300,8 +331,6 @@ class Pruner(ABC):
                              f"but weight {name or ''} is [{rows}, {cols}]")
         for pattern in (target.nm, target.toward):
             if pattern is not None:
-                from .masks import check_nm_width
-
                 check_nm_width(cols, pattern[0], pattern[1], name)
         if not torch.isfinite(weight).all():
             raise ValueError(f"{self.name}: weight {name or ''} contains NaN or Inf; cannot prune it")

@@ -5,7 +5,10 @@ pruned, in which comparison group, how ties break and how earlier pruning is res
 be identical everywhere, and deterministic so that every rank computes the same mask.
 
 Conventions: ``score`` is "importance", higher = keep; the lowest scores are pruned. Ties
-break by index (stable ascending sort: among equal scores the lower index is pruned first).
+break by index: among equal scores the lower index is pruned first (what a stable ascending
+sort gives). No selection sorts: a k-th value threshold (``torch.kthvalue``, linear time)
+prunes everything below it and the first of the entries equal to it, by index, as needed.
+N:M groups of m entries are sorted (m is a small constant).
 Entries outside ``prev_keep`` get score -inf, so they are always the first pruned and count
 toward the target (docs/method.md §5.3, "pruned weights never come back"); any of them beyond
 the target stay pruned too.
@@ -18,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..errors import LosaZeroError
-from .base import ROUNDING_MODES, SparsityTarget
+from .base import ROUNDING_MODES, SparsityTarget, check_nm_width
 
-# Sort at most this many scores at once: bounds the int64 index buffers on 70B-wide linears.
+# Select over at most this many scores at once: bounds the temporary buffers on 70B-wide linears.
 _CHUNK_ELEMS = 1 << 24
 
 
@@ -34,14 +37,6 @@ def count_to_prune(rate: float, numel: int) -> int:
     return min(max(k, 0), numel)
 
 
-def check_nm_width(in_features: int, n: int, m: int, name: str | None = None) -> None:
-    """Raise a user error when N:M groups cannot tile the input width."""
-    if in_features % m:
-        fits = "use 2:4 or unstructured" if in_features % 4 == 0 and m != 4 else "use unstructured"
-        raise LosaZeroError(
-            f"N:M {n}:{m} needs input width divisible by {m}; {name or 'this linear'} has {in_features} inputs: {fits}")
-
-
 def _masked_score(score: Tensor, prev_keep: Tensor | None) -> Tensor:
     if prev_keep is None:
         return score
@@ -50,6 +45,27 @@ def _masked_score(score: Tensor, prev_keep: Tensor | None) -> Tensor:
 
 def _row_chunk(rows: int, width: int) -> int:
     return max(1, min(rows, _CHUNK_ELEMS // max(1, width)))
+
+
+def _prune_lowest(s: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` lowest entries of every row of ``s`` (ties: lower column first),
+    without sorting: the k-th smallest value per row is the threshold, every entry below it
+    is pruned, and of the entries equal to it the first ones by column, as many as needed."""
+    rows, cols = s.shape
+    if k <= 0:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=s.device)
+    if k >= cols:
+        return torch.ones(rows, cols, dtype=torch.bool, device=s.device)
+    t = torch.kthvalue(s, k, dim=1, keepdim=True).values
+    prune = s < t
+    eq = s == t
+    need = k - prune.sum(1, keepdim=True)
+    ties = eq.sum(1, keepdim=True) > need  # rows where some entries equal to t must stay
+    if bool(ties.any()):
+        r = ties.squeeze(1).nonzero().squeeze(1)
+        first = eq[r].to(torch.int32).cumsum(1, dtype=torch.int32) <= need[r].to(torch.int32)
+        eq[r] &= first
+    return prune.logical_or_(eq)
 
 
 def rowwise_keep(score: Tensor, rate: float, prev_keep: Tensor | None = None, rounding: str = "nearest") -> Tensor:
@@ -76,12 +92,17 @@ def rowwise_keep(score: Tensor, rate: float, prev_keep: Tensor | None = None, ro
             nxt = torch.cat([torch.kthvalue(s[a:a + chunk], q + 1, dim=1).values for a in range(0, rows, chunk)])
             order = torch.sort(nxt, stable=True).indices
             per_row[order[:rem]] += 1
-    ranks = torch.arange(cols, device=score.device)
     keep = torch.empty(rows, cols, dtype=torch.bool, device=score.device)
+    counts = per_row.unique().tolist()  # one count (floor) or two (nearest: q and q + 1)
     for a in range(0, rows, chunk):
-        idx = torch.sort(s[a:a + chunk], dim=1, stable=True).indices
-        keep_sorted = ranks[None, :] >= per_row[a:a + chunk, None]
-        keep[a:a + chunk].scatter_(1, idx, keep_sorted)
+        part, want = s[a:a + chunk], per_row[a:a + chunk]
+        if len(counts) == 1:
+            keep[a:a + chunk] = ~_prune_lowest(part, counts[0])
+            continue
+        for c in counts:
+            sel = (want == c).nonzero().squeeze(1)
+            if sel.numel():
+                keep[a + sel] = ~_prune_lowest(part[sel], c)
     if prev_keep is not None:
         keep &= prev_keep
     return keep
@@ -89,7 +110,8 @@ def rowwise_keep(score: Tensor, rate: float, prev_keep: Tensor | None = None, ro
 
 def nm_keep(score: Tensor, n: int, m: int, prev_keep: Tensor | None = None) -> Tensor:
     """Keep mask with the ``n`` highest scores of every group of ``m`` consecutive columns
-    kept (exactly ``n`` per group; fewer where prev_keep already pruned more)."""
+    kept (exactly ``n`` per group; fewer where prev_keep already pruned more). A stable sort
+    of each group of m entries: with m a small constant that is linear in the width."""
     rows, cols = score.shape
     check_nm_width(cols, n, m)
     s = _masked_score(score, prev_keep).reshape(rows, cols // m, m)
@@ -125,13 +147,9 @@ def toward_nm_keep(score: Tensor, rate: float, n: int, m: int, prev_keep: Tensor
 def lowest_k_keep(score: Tensor, k: int, prev_keep: Tensor | None = None) -> Tensor:
     """Keep mask pruning the ``k`` lowest scores jointly over the whole tensor (ties by
     row-major index), plus everything outside ``prev_keep``."""
-    flat = _masked_score(score, prev_keep).reshape(-1)
+    flat = _masked_score(score, prev_keep).reshape(1, -1)
     k = min(max(int(k), 0), flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        idx = torch.sort(flat, stable=True).indices[:k]
-        keep[idx] = False
-    keep = keep.reshape(score.shape)
+    keep = ~_prune_lowest(flat, k).reshape(score.shape)
     if prev_keep is not None:
         keep &= prev_keep
     return keep

@@ -45,6 +45,7 @@ class HessianStats(LinearStats):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(in_features, device)
         self.h_sum = torch.zeros(in_features, in_features, dtype=_parse_dtype(dtype), device=self._device)
+        self._factor: tuple[float, Tensor, Tensor] | None = None
 
     def _buffers(self) -> list[str]:
         return ["h_sum"]
@@ -60,7 +61,27 @@ class HessianStats(LinearStats):
     def hessian(self) -> Tensor:
         """H = 2 H_sum / count, the Hessian of the mean squared layer-output error."""
         self._check_has_tokens("sparsegpt")
+        if self.h_sum is None:
+            raise RuntimeError("sparsegpt: these statistics were factorised and their Hessian freed; "
+                               "collect new statistics to factorise with another dampening")
         return self.h_sum * (2.0 / self.count)
+
+    def inverse_factor(self, percdamp: float, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(dead, U)``: the input columns that were always 0 (their H rows are replaced by a
+        unit diagonal) and the float32 upper Cholesky factor of the dampened inverse Hessian.
+
+        Computed once: linears reading the same input share these statistics
+        (``modeling.input_groups``), so q/k/v (gate/up) factorise one Hessian, not three
+        (two). The Hessian sum is freed once factorised: only the factor stays."""
+        if self._factor is None or self._factor[0] != percdamp:
+            h = self.hessian().to(device)
+            dead = torch.nonzero(h.diagonal() == 0).squeeze(1)
+            h[dead, dead] = 1.0
+            u = inverse_hessian_cholesky(h, percdamp).to(torch.float32)
+            del h
+            self.h_sum = None
+            self._factor = (percdamp, dead, u)
+        return self._factor[1].to(device), self._factor[2].to(device)
 
 
 def inverse_hessian_cholesky(h: Tensor, percdamp: float, retries: int = 3) -> Tensor:
@@ -128,14 +149,10 @@ class SparseGPTPruner(Pruner):
         self._check_stats(stats, HessianStats, weight.shape[1])
         rows, cols = weight.shape
         w = weight.clone()
-        h = stats.hessian().to(weight.device)
         # Dead inputs (always 0 on the calibration set): their weights cannot affect the
-        # output there, so zero them and make H invertible with a unit diagonal.
-        dead = torch.nonzero(h.diagonal() == 0).squeeze(1)
-        h[dead, dead] = 1.0
+        # output there, so zero them (H gets a unit diagonal there to stay invertible).
+        dead, u = stats.inverse_factor(self.percdamp, weight.device)
         w[:, dead] = 0.0
-        u = inverse_hessian_cholesky(h, self.percdamp).to(torch.float32)
-        del h
 
         nm = target.nm
         bs = self.blocksize

@@ -79,7 +79,6 @@ class ZeroRuntime(Runtime):
         self._open: dict[int, nn.Parameter] = {}
         self._modified: set[int] = set()
         self._open_linears: set[int] = set()
-        self._promoted: dict[int, tuple] = {}
 
     # -- collectives --------------------------------------------------------------------------
     def all_reduce_sum_(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -90,10 +89,6 @@ class ZeroRuntime(Runtime):
                 t.copy_(moved)
             else:
                 dist.all_reduce(t)
-            back = self._promoted.pop(id(t), None)
-            if back is not None:  # see new_stats: the reduced float64 sum goes back to its dtype
-                stats, attr, dtype = back
-                setattr(stats, attr, t.to(dtype))
 
     def barrier(self) -> None:
         dist.barrier()
@@ -143,21 +138,11 @@ class ZeroRuntime(Runtime):
 
     # -- statistics and stored activations ----------------------------------------------------
     def new_stats(self, pruner, in_features: int):
-        """As on one process, but per-column sums (Wanda's norms) accumulate in float64: the
-        float32 batch sums are the same on any number of ranks, and float64 accumulation makes
-        their total (rounded back to float32 after the all-reduce, so the mask) independent of
-        how the batches were split between ranks."""
+        """As on one process, but per-column sums (Wanda's norms) accumulate in float64
+        (``LinearStats.widen_vector_sums``): their total, rounded back to float32 after the
+        all-reduce, is then the same on any number of ranks, and so is the mask."""
         stats = pruner.new_stats(in_features, device=self.device)
-        if stats is not None:
-            for attr in stats._buffers():
-                t = getattr(stats, attr)
-                if t.dim() == 1 and t.is_floating_point() and t.dtype != torch.float64:
-                    wide = t.to(torch.float64)
-                    setattr(stats, attr, wide)
-                    # after the all-reduce the total is cast back: the pruner then scores in
-                    # its usual precision, with the same float32 value on any number of ranks
-                    self._promoted[id(wide)] = (stats, attr, t.dtype)
-        return stats
+        return None if stats is None else stats.widen_vector_sums()
 
     def keep_activation(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.activation_dir is None:
