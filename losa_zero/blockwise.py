@@ -194,7 +194,8 @@ def layer_input_grams(model: nn.Module, acts: Activations, runtime: Runtime, bat
 @torch.no_grad()
 def dense_layer_outputs(model: nn.Module, acts: Activations, runtime: Runtime, batch_size: int) -> list[torch.Tensor]:
     """Outputs of every decoder layer of the (still dense) model: LoSA's reconstruction
-    targets D_l (docs/method.md section 4), computed once. Kept on the activations' device."""
+    targets D_l (docs/method.md section 4), computed once. Kept where ``runtime.keep_activation``
+    puts them: host memory, or memory-mapped files under ZeRO-3."""
     outs = []
     layers = decoder_layers(model)
     for l in runtime.progress(range(len(layers)), desc="dense targets", unit="block"):

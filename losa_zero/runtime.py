@@ -80,10 +80,13 @@ class Runtime:
         return pruner.new_stats(in_features, device=self.device)
 
     def keep_activation(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Hold on to a tensor that lives across LoSA steps (the dense targets D_l). Here it
-        stays where it is; the ZeRO-3 runtime writes it to the checkpoint folder and returns
-        a memory-mapped view, so a resumed run finds it and host memory does not hold it."""
-        return hidden
+        """Hold on to a tensor that lives across LoSA steps (the dense targets D_l): in host
+        memory, never on an accelerator (at 7B the targets of 128 x 2048 calibration tokens
+        are about 69 GB in bf16); the error measurement brings one calibration batch at a
+        time to the device. The ZeRO-3 runtime writes them to the checkpoint folder instead
+        and returns a memory-mapped view, so a resumed run finds them and host memory does
+        not hold them."""
+        return hidden if hidden.device.type == "cpu" else hidden.to("cpu")
 
     # -- weights ----------------------------------------------------------------------------
     #: merge_and_unwrap puts plain nn.Linear modules back after the final merge. Under ZeRO-3

@@ -138,3 +138,4 @@ def test_selection_equals_stable_sort_with_ties(trial):
     if prev is not None:
         ref &= prev
     assert torch.equal(nm_keep(score, 2, m, prev), ref)
+
