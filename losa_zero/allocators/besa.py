@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blockwise import Activations, collect_input_stats, forward_block
+from ..blockwise import Activations, call_block, collect_input_stats, forward_block
 from ..errors import LosaZeroError
 from ..lora import SparseLoRALinear
 from ..modeling import decoder_layers, layer_linears
@@ -243,11 +243,6 @@ def override_linears(block: nn.Module, weights: dict[str, Tensor]):
             p.requires_grad_(True)
 
 
-def _call_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @dataclass
 class BesaBlockResult:
     """What BESA learned for one block."""
@@ -305,8 +300,8 @@ def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, targ
     current = dict(weights)  # what the block's linears apply; swapped between forwards
     with override_linears(block, current):
         # 1-2. Dense block on X_p: Wanda norms, reference output Y and its channel mean squares.
-        stats = collect_input_stats(block, WandaPruner(), acts, runtime, batch_size)
-        dense = forward_block(block, acts, batch_size, device)
+        stats = collect_input_stats(block, WandaPruner(), acts, runtime, batch_size, layer=layer)
+        dense = forward_block(block, acts, batch_size, device, layer=layer)
         sums = torch.zeros(dense.shape[-1] + 1, dtype=torch.float64, device=device)
         for s in range(0, dense.shape[0], batch_size):
             y = dense[s:s + batch_size].to(device=device, dtype=torch.float64).reshape(-1, dense.shape[-1])
@@ -346,7 +341,7 @@ def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, targ
                             current[name] = weights[name] * mask
                             expected = expected + row_rates.sum() * r.cols
                         expected = expected / total
-                        out = _call_block(block, acts.hidden[i:i + 1].to(device), acts.kwargs)
+                        out = call_block(block, acts.hidden[i:i + 1].to(device), acts.layer_kwargs[layer])
                         recon = reconstruction_loss(out, dense[i:i + 1].to(device), channel_ms)
                         loss = recon + sparsity_penalty(expected, target, opts.lam)
                         loss.backward()
@@ -370,7 +365,7 @@ def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, targ
                 linear_rates[name] = n_pruned / r.numel
                 pruned += n_pruned
         del rates, params
-        acts.hidden = forward_block(block, acts, batch_size, device)
+        acts.hidden = forward_block(block, acts, batch_size, device, layer=layer)
     current.clear()
     weights.clear()
 
