@@ -42,7 +42,8 @@ fine-tuning activations     micro_batch x max_length tokens. Activation checkpoi
                             (17h + 6i)*b + (6h + i), what saved-tensor hooks counted for a
                             LLaMA layer with the sparse LoRA adapters under ZeRO-3. SDPA/flash
                             attention keeps no seq^2 term
-                            (``--attention math`` adds heads*seq*b per token). Times the
+                            (``--attention math``, the default for an architecture whose
+                            default kernel is eager, adds heads*seq*b per token). Times the
                             backward peak factor (2.0, below)
 logits                      micro_batch x max_length x vocab x (b + 4 + 4 + 4) (the logits, their
                             fp32 copy, log-softmax and gradient), times the same factor
@@ -291,7 +292,8 @@ class PlanInputs:
     optimizer: str = "paged_adamw_8bit"
     pruner: str = "wanda"
     gradient_checkpointing: bool = True
-    attention: str = "flash"             # flash (SDPA flash / memory-efficient kernels) | math (seq^2 kept)
+    attention: str | None = None         # flash (SDPA flash / memory-efficient kernels) | math (seq^2 kept);
+                                         # None: what the architecture's default kernel does (eager: math)
     dense_targets: str | None = None     # None: where the run keeps them (ZeRO-3: disk; one process: the
                                          # compute device) | disk | host | gpu (what-if)
     single_process: bool = False         # ``losa-zero losa`` on one GPU instead of ``losa-zero train``
@@ -325,7 +327,7 @@ def check_inputs(inp: PlanInputs) -> None:
         raise LosaZeroError(f"offload must be none, cpu or nvme here (got {inp.offload!r})")
     if inp.device not in ("gpu", "cpu"):
         raise LosaZeroError(f"device must be gpu or cpu (got {inp.device!r})")
-    if inp.attention not in ("flash", "math"):
+    if inp.attention not in (None, "flash", "math"):
         raise LosaZeroError(f"attention must be flash or math (got {inp.attention!r})")
     if inp.dense_targets_at not in ("disk", "host", "gpu"):
         raise LosaZeroError(f"dense_targets must be disk, host or gpu (got {inp.dense_targets!r})")
@@ -375,12 +377,20 @@ def persistent_terms(shape: ModelShape, inp: PlanInputs, opt_off: bool) -> tuple
     return dev, host_rank
 
 
+def attention_kind(shape: ModelShape, inp: PlanInputs) -> str:
+    """flash or math: given, else math where the architecture's default kernel is eager
+    (Gemma 2: its soft-capped logits keep the seq^2 attention weights)."""
+    if inp.attention is not None:
+        return inp.attention
+    return "math" if shape.architecture.attn_implementations[0] == "eager" else "flash"
+
+
 def finetune_activations(shape: ModelShape, inp: PlanInputs, gradient_checkpointing: bool) -> float:
     """Peak bytes of one fine-tuning micro-step's activations (module docstring)."""
     b = DTYPE_BYTES[inp.dtype]
     tokens = inp.micro_batch_size * inp.max_length
     per_token_layer = shape.saved_per_token_layer(b)
-    if inp.attention == "math":
+    if attention_kind(shape, inp) == "math":
         per_token_layer += shape.heads * inp.max_length * b
     if gradient_checkpointing:
         return BACKWARD_PEAK_FACTOR * tokens * (shape.layers * shape.hidden * b + per_token_layer)
@@ -512,7 +522,8 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
         "model": asdict(shape) | {"total_params": shape.total_params, "linear_params": shape.linear_params,
                                   "block_params": shape.block_params, "largest_linear": shape.largest_linear,
                                   "lora_params": shape.lora_params(inp.lora_max_rank)},
-        "inputs": asdict(inp) | {"seqlen": seqlen, "world": W, "offload_optimizer": opt_off, "dense_targets": where},
+        "inputs": asdict(inp) | {"seqlen": seqlen, "world": W, "offload_optimizer": opt_off, "dense_targets": where,
+                                 "attention": attention_kind(shape, inp)},
         "calibration_share": n_local,
         "gpu_bytes": dev,
         "gpu_phases": phases,
@@ -677,8 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-optimizer", default=None, action=argparse.BooleanOptionalAction,
                    help="optimizer state on the host (default: with parameter offload)")
     p.add_argument("--device", default="gpu", choices=("gpu", "cpu"), help="cpu: a CPU-only run (ranks are processes)")
-    p.add_argument("--attention", default="flash", choices=("flash", "math"),
-                   help="flash: SDPA flash/memory-efficient attention (no seq^2 activations); math: eager or math SDPA")
+    p.add_argument("--attention", default=None, choices=("flash", "math"),
+                   help="flash: SDPA flash/memory-efficient attention (no seq^2 activations); math: eager or math SDPA "
+                        "(default: what the run's attn_implementation, else the architecture's default, does)")
     p.add_argument("--dense-targets", default=None, choices=("disk", "host", "gpu"),
                    help="where the dense reconstruction targets live (default: where the run keeps them, disk "
                         "under ZeRO-3 and the GPU with --single-process; the others: what-if)")
@@ -717,6 +729,8 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         if isinstance(values.get("gradient_checkpointing"), str):
             values["gradient_checkpointing"] = values["gradient_checkpointing"].lower() in ("1", "true", "yes")
         ds_path = ds_path or rc.get("deepspeed")
+        if rc.get("attn_implementation") is not None:
+            values["attention"] = "math" if rc["attn_implementation"] == "eager" else "flash"
         if rc.get("dtype") is None:
             values["dtype"] = "float32"     # the run config's own default (LosaConfig.dtype)
         if rc.get("gradient_checkpointing") is None:
@@ -724,6 +738,8 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         if rc.get("micro_batch_size") is None:
             values["micro_batch_size"] = 8  # LosaConfig's default
     values.update(_ds_settings(ds_path))
+    if args.attention is not None:
+        values["attention"] = args.attention
     for key in RUN_CONFIG_KEYS:
         v = getattr(args, key)
         if v is not None:
@@ -737,7 +753,6 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
     gpus = args.gpus_per_node if args.gpus_per_node is not None else (1 if args.single_process else 8)
     inp = PlanInputs(nodes=args.nodes, gpus_per_node=gpus, gpu_memory_gb=args.gpu_memory, single_process=args.single_process,
                      host_memory_gb=args.host_memory, device=args.device, dense_targets=args.dense_targets,
-                     attention=args.attention,
                      **values)
     return resolve_model(args.model), inp
 

@@ -297,3 +297,18 @@ def test_single_process_7b_and_13b_on_one_80gb_gpu(tmp_path):
     assert r["host_rank_bytes"]["dense_targets"] == 128 * 2048 * 4096 * 32 * 2
     code, r, text = run_plan(tmp_path, "--model", "llama-2-13b", *common, "--dense-targets", "host")
     assert code == 3 and "DOES NOT FIT" in text
+
+
+def test_eager_architectures_count_the_attention_weights(tmp_path):
+    """Gemma 2 runs eager attention (soft-capping), which keeps heads x seq values per token:
+    the plan counts them unless --attention flash says the run uses flash-attention."""
+    from archs import tiny_config
+
+    d = _config_dir(tmp_path, "gemma2", tiny_config("gemma2"))
+    code, r, _ = run_plan(tmp_path, "--model", d, "--single-process")
+    code_f, r_f, _ = run_plan(tmp_path, "--model", d, "--single-process", "--attention", "flash")
+    assert r["inputs"]["attention"] == "math" and r_f["inputs"]["attention"] == "flash"
+    shape = resolve_model(d)
+    tokens, L = r["inputs"]["micro_batch_size"] * r["inputs"]["max_length"], shape.layers
+    extra = 2.0 * tokens * L * shape.heads * r["inputs"]["max_length"] * 2
+    assert r["gpu_bytes"]["finetune_activations"] - r_f["gpu_bytes"]["finetune_activations"] == pytest.approx(extra)
