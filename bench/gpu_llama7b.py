@@ -46,7 +46,7 @@ from losa_zero.blockwise import capture_inputs, forward_block, sequential_prune 
 from losa_zero.finetune import LocalTrainer  # noqa: E402
 from losa_zero.losa import attach_sparse_lora  # noqa: E402
 from losa_zero.lora import SparseLoRALinear  # noqa: E402
-from losa_zero.modeling import TARGET_LINEARS, decoder_layers, layer_linears  # noqa: E402
+from losa_zero.modeling import decoder_layers, layer_linears, target_names  # noqa: E402
 from losa_zero.optimizers import choose_optimizer  # noqa: E402
 from losa_zero.pruners import SparsityTarget, get_pruner, nm_keep  # noqa: E402
 from losa_zero.runtime import Runtime  # noqa: E402
@@ -129,10 +129,10 @@ def time_pruning(model: nn.Module, args, device: torch.device) -> dict:
             sync(device)
             capture_s = time.perf_counter() - t0
             fwd = []
-            for block in kept:  # calibration forward alone: what dense targets / CKA cost per block
+            for l, block in enumerate(kept):  # calibration forward alone: what dense targets / CKA cost per block
                 sync(device)
                 t1 = time.perf_counter()
-                forward_block(block, acts, args.calib_batch_size, device)
+                forward_block(block, acts, args.calib_batch_size, device, layer=l)
                 sync(device)
                 fwd.append(time.perf_counter() - t1)
             ends = []
@@ -143,7 +143,7 @@ def time_pruning(model: nn.Module, args, device: torch.device) -> dict:
 
             sync(device)
             start = time.perf_counter()
-            sequential_prune(model, acts, pruner, lambda l: {n: SparsityTarget.unstructured(0.5) for n in TARGET_LINEARS},
+            sequential_prune(model, acts, pruner, lambda l: {n: SparsityTarget.unstructured(0.5) for n in target_names(model)},
                              runtime, args.calib_batch_size, after_block=after, desc=name)
             per_block = [b - a for a, b in zip([start] + ends[:-1], ends)]
             out[name] = {"capture_s": capture_s, "forward_block_s": statistics.median(fwd),

@@ -85,6 +85,7 @@ def _build(args, kind: str, opts: dict):
         return model, [p for p in model.parameters() if p.requires_grad]
 
     from losa_zero.lora import SparseLoRALinear, wrap_linear
+    from losa_zero.losa import adapter_seed
 
     params = []
     for l, layer in enumerate(model.model.layers):
@@ -98,14 +99,14 @@ def _build(args, kind: str, opts: dict):
                 thresh = w.abs().flatten().kthvalue(w.numel() // 2).values
                 keep = w.abs() > thresh
                 w.mul_(keep)
-            new = wrap_linear(lin, args.max_rank, args.alpha / args.rank, opts["dropout"], init_seed=l * 7 + j)
+            new = wrap_linear(lin, args.max_rank, args.alpha / args.rank, opts["dropout"], init_seed=adapter_seed(0, l, j, len(TARGETS)))
             if "path" in opts:
                 new.masked_path = opts["path"]
             new.set_keep_mask(keep)
             new.set_rank(args.rank)
             setattr(parent, name, new)
             params += [new.lora_A, new.lora_B]
-    assert sum(isinstance(m, SparseLoRALinear) for m in model.modules()) == 7 * len(model.model.layers)
+    assert sum(isinstance(m, SparseLoRALinear) for m in model.modules()) == len(TARGETS) * len(model.model.layers)
     return model, params
 
 

@@ -75,7 +75,7 @@ def ours_worker(job: dict) -> None:
     import torch
 
     from losa_zero.blockwise import capture_inputs, sequential_prune
-    from losa_zero.modeling import TARGET_LINEARS, load_model
+    from losa_zero.modeling import load_model, target_names
     from losa_zero.pruners import SparsityTarget, get_pruner
     from losa_zero.runtime import Runtime
     # transformers imports model classes lazily, on first use: do it here for both tools, so
@@ -106,7 +106,7 @@ def ours_worker(job: dict) -> None:
     t0 = time.perf_counter()
     # The "prune" phase of losa_zero.lifecycle.PruneRun, on the given calibration tensor.
     acts = capture_inputs(model, calib, runtime, job["batch_size"])
-    sequential_prune(model, acts, pruner, lambda l: {name: target for name in TARGET_LINEARS}, runtime,
+    sequential_prune(model, acts, pruner, lambda l: {name: target for name in target_names(model)}, runtime,
                      job["batch_size"])
     del acts
     t_prune = time.perf_counter() - t0
@@ -184,19 +184,19 @@ class Evaluator:
         self.ppl_text = ppl_text
         self.dense_ppl = perplexity(self.model, self.tok, ppl_text, seqlen=512)["ppl"] if ppl_text else None
         acts = capture_inputs(self.model, heldout, Runtime("cpu"), batch_size)
-        self.acts_kwargs = acts.kwargs
+        self.layer_kwargs = acts.layer_kwargs
         self.inputs, self.outputs = [], []
-        for layer in self.layers:
+        for l, layer in enumerate(self.layers):
             self.inputs.append(acts.hidden)
-            acts.hidden = forward_block(layer, acts, batch_size, torch.device("cpu"))
+            acts.hidden = forward_block(layer, acts, batch_size, torch.device("cpu"), layer=l)
             self.outputs.append(acts.hidden)
         self.dense_state = {k: v.detach() for k, v in self.model.state_dict().items()}
 
-    def _block_out(self, block, hidden):
+    def _block_out(self, block, hidden, layer: int):
         from losa_zero.blockwise import Activations
 
-        acts = Activations(hidden, self.acts_kwargs)
-        return self.forward_block(block, acts, self.batch_size, self.torch.device("cpu"))
+        acts = Activations(hidden, self.layer_kwargs)
+        return self.forward_block(block, acts, self.batch_size, self.torch.device("cpu"), layer=layer)
 
     @staticmethod
     def _rel(a, b) -> float:
@@ -205,15 +205,15 @@ class Evaluator:
     def evaluate(self, state_path: Path, pattern: str) -> dict:
         torch = self.torch
         from losa_zero.evaluate import perplexity
-        from losa_zero.modeling import TARGET_LINEARS
+        from losa_zero.modeling import linear_full_names
         from losa_zero.pruners import satisfies_nm
 
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-        target_keys = {f"model.layers.{l}.{n}.weight" for l in range(len(self.layers)) for n in TARGET_LINEARS}
+        target_keys = {f"{n}.weight" for n in linear_full_names(self.model)}
         missing = sorted(set(self.dense_state) - set(state))
         if missing:
             raise RuntimeError(f"{state_path}: pruned state dict lacks {missing[:5]}")
-        # Everything outside the 7 linears of each decoder layer must be untouched.
+        # Everything outside the target linears of each decoder layer must be untouched.
         changed = [k for k, v in self.dense_state.items() if k not in target_keys and not torch.equal(v, state[k])]
         zeros = total = 0
         nm_ok = True
@@ -232,8 +232,8 @@ class Evaluator:
             block = copy.deepcopy(layer)
             prefix = f"model.layers.{l}."
             block.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-            local.append(self._rel(self._block_out(block, self.inputs[l]), self.outputs[l]))
-            hidden = self._block_out(block, hidden)
+            local.append(self._rel(self._block_out(block, self.inputs[l], l), self.outputs[l]))
+            hidden = self._block_out(block, hidden, l)
             del block
         out = {"sparsity": zeros / total, "nm_ok": nm_ok if pattern == "2:4" else None, "changed_other": changed,
                "layer_err": sum(local) / len(local), "final_err": self._rel(hidden, self.outputs[-1]),
@@ -250,14 +250,13 @@ class Evaluator:
         torch = self.torch
         a = torch.load(path_a, map_location="cpu", weights_only=True, mmap=True)
         b = torch.load(path_b, map_location="cpu", weights_only=True, mmap=True)
-        from losa_zero.modeling import TARGET_LINEARS
+        from losa_zero.modeling import linear_full_names
 
         same = total = 0
-        for l in range(len(self.layers)):
-            for n in TARGET_LINEARS:
-                k = f"model.layers.{l}.{n}.weight"
-                same += int(((a[k] == 0) == (b[k] == 0)).sum())
-                total += a[k].numel()
+        for name in linear_full_names(self.model):
+            k = f"{name}.weight"
+            same += int(((a[k] == 0) == (b[k] == 0)).sum())
+            total += a[k].numel()
         return same / total
 
 

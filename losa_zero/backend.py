@@ -29,7 +29,7 @@ class LocalBackend:
         self.runtime = Runtime(resolve_device(cfg.device))
 
     def load_model(self) -> tuple[nn.Module, object]:
-        model, tokenizer = load_model(self.cfg.model, dtype=self.cfg.dtype)
+        model, tokenizer = load_model(self.cfg.model, dtype=self.cfg.dtype, attn_implementation=self.cfg.attn_implementation)
         return model.to(self.runtime.device), tokenizer
 
     # -- LoSA ---------------------------------------------------------------------------------

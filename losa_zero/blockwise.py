@@ -9,46 +9,100 @@ rank holds a share of the calibration sequences; the runtime all-reduces the sum
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .architectures import architecture_of
 from .modeling import decoder_layers, input_groups, layer_linears
 from .pruners import Pruner, SparsityTarget
 from .runtime import Runtime
 
 
 class _StopForward(Exception):
-    """Raised by the catcher hook once the first decoder layer's inputs are captured."""
+    """Raised inside the model's forward once what was needed from it is recorded."""
 
 
 @dataclass
 class Activations:
-    """Hidden states of this rank's calibration sequences entering the current block.
+    """Hidden states of this rank's calibration sequences entering the current block, and
+    the keyword arguments the model passes to each decoder layer.
 
-    ``kwargs`` are the keyword arguments the model passes to every decoder layer (rotary
-    position embeddings, the causal mask if the attention implementation needs one),
-    captured from a real forward so they match whatever transformers version is installed.
+    ``layer_kwargs[l]`` is what the model itself gives layer ``l`` (rotary position
+    embeddings, the causal or sliding-window mask of that layer's attention type), captured
+    from a real forward so it matches whatever transformers version is installed. Models
+    that mix attention types (Gemma 2/3, Qwen2 with sliding-window layers) give different
+    layers different masks and, in Gemma 3, different rotary embeddings: calibrating every
+    layer with layer 0's arguments would silently use the wrong ones.
     """
 
     hidden: torch.Tensor  # [n_local, seq, hidden]
-    kwargs: dict = field(default_factory=dict)
+    layer_kwargs: list[dict]
+
+
+_CACHE_KWARGS = ("use_cache", "past_key_values", "past_key_value", "cache")
+
+
+class _LayerCallRecorder(nn.Module):
+    """Stands in for one decoder layer during :func:`layer_call_kwargs`: records the keyword
+    arguments the model calls it with and passes its input through (the last one stops
+    the forward, so no norm or LM head runs)."""
+
+    def __init__(self, box: list[dict], last: bool):
+        super().__init__()
+        self.box, self.last = box, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to get everything but the hidden states by keyword")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        self.box.append({**kwargs, "use_cache": False})
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@torch.no_grad()
+def layer_call_kwargs(model: nn.Module, seq_len: int, runtime: Runtime) -> list[dict]:
+    """The keyword arguments the model passes to each of its decoder layers for a sequence of
+    ``seq_len`` tokens, without running any layer: the layer stack is briefly replaced by
+    recorders and one probe sequence goes through the embeddings.
+
+    The calibration sequences have no padding, so these depend on the length only; a probe
+    of one sequence gives masks of batch 1, which broadcast over any batch. Every rank
+    records them, also one holding no calibration sequence.
+    """
+    layers = decoder_layers(model)
+    parent_name, attr = architecture_of(model.config).layers.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    box: list[dict] = []
+    setattr(parent, attr, nn.ModuleList(_LayerCallRecorder(box, last=i == len(layers) - 1) for i in range(len(layers))))
+    try:
+        with runtime.gathered(model.get_input_embeddings()):
+            probe = torch.zeros(1, seq_len, dtype=torch.long, device=runtime.device)
+            try:
+                model(input_ids=probe, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        setattr(parent, attr, layers)
+    if len(box) != len(layers):
+        raise RuntimeError(f"the model called {len(box)} of its {len(layers)} decoder layers")
+    return box
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, runtime: Runtime, batch_size: int) -> Activations:
-    """Run the model up to its first decoder layer and keep that layer's inputs."""
+    """Run the model up to its first decoder layer and keep that layer's inputs, plus the
+    arguments of every layer (:func:`layer_call_kwargs`)."""
     first = decoder_layers(model)[0]
     captured: list[torch.Tensor] = []
-    kwargs_box: dict = {}
 
     def catcher(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         captured.append(hidden.detach())
-        if not kwargs_box:
-            kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
     handle = first.register_forward_pre_hook(catcher, with_kwargs=True)
@@ -64,34 +118,37 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, runtime: Runtime, 
                     pass
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in kwargs_box.items() if k not in ("use_cache", "past_key_values", "past_key_value", "cache")}
-    kwargs["use_cache"] = False
+    layer_kwargs = layer_call_kwargs(model, input_ids.shape[1], runtime)
     if not captured:  # a rank with no calibration sequences (many ranks, few sequences)
         emb = model.get_input_embeddings().weight
         hidden = torch.empty(0, input_ids.shape[1], model.config.hidden_size, dtype=emb.dtype, device=runtime.device)
-        return Activations(hidden, kwargs)
-    return Activations(torch.cat(captured, 0), kwargs)
+        return Activations(hidden, layer_kwargs)
+    return Activations(torch.cat(captured, 0), layer_kwargs)
 
 
-def _call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer's output hidden states (layers of older transformers return tuples)."""
     out = block(x, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
-def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The block's outputs for every local sequence, stored where the inputs are stored."""
+def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: torch.device, *,
+                  layer: int) -> torch.Tensor:
+    """Decoder layer ``layer``'s outputs for every local sequence, stored where the inputs are."""
+    kwargs = acts.layer_kwargs[layer]
     outs = []
     for start in range(0, acts.hidden.shape[0], batch_size):
         x = acts.hidden[start:start + batch_size].to(device)
-        outs.append(_call_block(block, x, acts.kwargs).to(acts.hidden.device))
+        outs.append(call_block(block, x, kwargs).to(acts.hidden.device))
     if not outs:
         return acts.hidden.clone()
     return torch.cat(outs, 0)
 
 
 @torch.no_grad()
-def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, runtime: Runtime, batch_size: int) -> dict:
+def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, runtime: Runtime, batch_size: int, *,
+                        layer: int) -> dict:
     """Statistics of the inputs of the block's target linears, summed over all ranks, by
     linear name. Linears that read the same input (``modeling.input_groups``: q/k/v,
     gate/up) share one statistics object, accumulated once from the group's first linear."""
@@ -109,7 +166,7 @@ def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, run
     if not handles:
         return stats
     try:
-        forward_block(block, acts, batch_size, runtime.device)
+        forward_block(block, acts, batch_size, runtime.device, layer=layer)
     finally:
         for h in handles:
             h.remove()
@@ -156,7 +213,7 @@ def sequential_prune(
         with runtime.gathered(block):
             if before_block is not None:
                 before_block(l, block)
-            stats = collect_input_stats(block, pruner, acts, runtime, batch_size)
+            stats = collect_input_stats(block, pruner, acts, runtime, batch_size, layer=l)
             layer_targets = targets(l)
             linears = layer_linears(block)
 
@@ -169,7 +226,7 @@ def sequential_prune(
             runtime.map_linears(list(linears.items()), compute)
             pruned = {name: runtime.count_pruned(lin) for name, lin in linears.items()}
             del stats
-            out = forward_block(block, acts, batch_size, runtime.device)
+            out = forward_block(block, acts, batch_size, runtime.device, layer=l)
             if after_block is not None:
                 after_block(l, block, out)
         acts.hidden = out
@@ -187,7 +244,7 @@ def layer_input_grams(model: nn.Module, acts: Activations, runtime: Runtime, bat
     for l in runtime.progress(range(len(layers)), desc="cka", unit="block"):
         grams.append(runtime.gram(acts.hidden.flatten(1), n))
         with runtime.gathered(layers[l]):
-            acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
+            acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device, layer=l)
     return grams
 
 
@@ -200,7 +257,7 @@ def dense_layer_outputs(model: nn.Module, acts: Activations, runtime: Runtime, b
     layers = decoder_layers(model)
     for l in runtime.progress(range(len(layers)), desc="dense targets", unit="block"):
         with runtime.gathered(layers[l]):
-            acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device)
+            acts.hidden = forward_block(layers[l], acts, batch_size, runtime.device, layer=l)
         outs.append(runtime.keep_activation(l, acts.hidden))
     return outs
 

@@ -56,6 +56,9 @@ class CommonConfig:
     seed: int = opt(0, "seed for calibration windows, data order and LoRA init")
     dtype: str = opt("float32", "weight dtype during the run", tuple(DTYPES))
     device: str = opt("auto", "torch device (auto: cuda if available)")
+    attn_implementation: str | None = opt(
+        None, "attention kernel: sdpa, flash_attention_2 (needs the [gpu] extra) or eager (default: the "
+        "architecture's, sdpa except eager for Gemma 2)", ("sdpa", "flash_attention_2", "eager"))
     calib_batch_size: int = opt(8, "sequences per block forward during calibration")
     rounding: str = opt("nearest", "per-linear pruned count: nearest to the rate (default) or the released int() per row",
                         ("nearest", "floor"))

@@ -31,7 +31,7 @@ from .errors import LosaZeroError
 from .evaluate import perplexity
 from .finetune import MetricsWriter
 from .losa import Losa, attach_adapters, dense_targets, merge_and_unwrap
-from .modeling import TARGET_LINEARS, decoder_layers, layer_linears
+from .modeling import decoder_layers, layer_linears, target_names
 from .outputs import PhaseRecorder, atomic_output_dir, write_json_atomic
 from .pruners import SparsityTarget
 
@@ -219,10 +219,10 @@ class PruneRun(Lifecycle):
 
         def targets(l: int) -> dict[str, SparsityTarget]:
             if patterns:
-                return {name: SparsityTarget.nm_pattern(*patterns[l]) for name in TARGET_LINEARS}
+                return {name: SparsityTarget.nm_pattern(*patterns[l]) for name in target_names(model)}
             if allocation.targets is not None:  # BESA's learned counts (with Wanda: exactly BESA's masks)
                 return allocation.targets[l]
-            return {name: SparsityTarget.unstructured(rates[l]) for name in TARGET_LINEARS}
+            return {name: SparsityTarget.unstructured(rates[l]) for name in target_names(model)}
 
         with self.phases.phase("prune"):
             results = sequential_prune(model, calib.capture(), pruner, targets, runtime, cfg.calib_batch_size)

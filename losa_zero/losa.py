@@ -20,22 +20,31 @@ from .blockwise import CalibrationInputs, dense_layer_outputs, sequential_prune
 from .config import LosaConfig
 from .finetune import MetricsWriter, train_adapters
 from .lora import SparseLoRALinear, unwrap_linear, wrap_linear
-from .modeling import TARGET_LINEARS, decoder_layers, layer_linears
+from .modeling import decoder_layers, layer_linears, target_names
 from .outputs import PhaseRecorder
 from .pruners import SparsityTarget
 from .runtime import Runtime
 
 
-def attach_sparse_lora(model: nn.Module, max_rank: int, scale: float, dropout: float, seed: int) -> None:
-    """Replace the 7 target linears of every decoder layer by SparseLoRALinear (rank 0).
+def adapter_seed(seed: int, layer: int, position: int, per_layer: int) -> int:
+    """The init seed of the adapter of the ``position``-th target linear of ``layer``: a
+    function of the run seed and where the linear sits in the model only, so it does not
+    depend on the world size or on how modules are created; distinct for every linear."""
+    return seed * 100003 + layer * per_layer + position
 
-    Each layer's A init uses its own seed derived from ``seed``, so the factors are the same
-    whatever the number of ranks or the order modules are created in."""
+
+def attach_sparse_lora(model: nn.Module, max_rank: int, scale: float, dropout: float, seed: int) -> None:
+    """Replace the target linears of every decoder layer by SparseLoRALinear (rank 0).
+
+    Each linear's A init uses its own seed (:func:`adapter_seed`), so the factors are the
+    same whatever the number of ranks or the order modules are created in."""
+    per_layer = len(target_names(model))
     for l, layer in enumerate(decoder_layers(model)):
         for j, (name, lin) in enumerate(layer_linears(layer).items()):
             parent_name, child = name.rsplit(".", 1)
             parent = layer.get_submodule(parent_name)
-            setattr(parent, child, wrap_linear(lin, max_rank, scale, dropout, init_seed=seed * 100003 + l * 7 + j))
+            init_seed = adapter_seed(seed, l, j, per_layer)
+            setattr(parent, child, wrap_linear(lin, max_rank, scale, dropout, init_seed=init_seed))
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
@@ -177,7 +186,7 @@ class Losa:
         def targets(l: int) -> dict[str, SparsityTarget]:
             if allocation.targets is not None:
                 return allocation.targets[l]
-            return {name: SparsityTarget.unstructured(rates[l]) for name in TARGET_LINEARS}
+            return {name: SparsityTarget.unstructured(rates[l]) for name in target_names(self.model)}
 
         results = sequential_prune(self.model, self.calib.capture(), self.pruner, targets, self.runtime, bs,
                                    before_block=before, after_block=after, desc=f"prune step {self.state.step + 1}")

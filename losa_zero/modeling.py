@@ -1,44 +1,47 @@
-"""Loading, inspecting and saving LLaMA-layout causal LMs.
+"""Loading, inspecting and saving the decoder-only causal LMs losa-zero compresses.
 
-Every pruner in this package walks the same structure: ``model.model.layers[i]`` with the
-seven projections named in :data:`TARGET_LINEARS`. LLaMA, Mistral and Qwen2 share that
-layout; anything else would be silently mis-pruned (or not pruned at all), so it is
-rejected up front with a clear message instead.
+Every pruner walks the same structure: a stack of decoder layers, and in each layer the
+target linears in application order. Where the stack is and what the linears are called
+comes from the model's architecture entry (:mod:`losa_zero.architectures`); anything not
+in that registry would be silently mis-pruned (or not pruned at all), so it is rejected up
+front with a clear message instead.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from losa_zero.errors import LosaZeroError
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-# Names relative to one decoder layer, in the order the layer applies them (attention,
-# then MLP). Order matters: sequential pruners calibrate each sublayer on the outputs of
-# the already-pruned ones.
-TARGET_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+from .architectures import architecture_of, architecture_of_layer, supported_list
+from .errors import LosaZeroError
 
 
 def check_supported(config) -> None:
     """Reject architectures whose module layout the pruners do not understand."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LosaZeroError(
-            f"model type {model_type!r} is not supported: losa-zero supports the LLaMA layout "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    architecture_of(config)
+
+
+def attn_implementation_for(config, requested: str | None = None) -> str:
+    """The attention implementation to load ``config``'s model with.
+
+    ``None`` picks the architecture's default (SDPA: exact, same math as eager, and the
+    memory-frugal path on CPU and GPU; eager for Gemma 2, whose soft-capped attention
+    logits SDPA cannot compute). Flash-attention needs its package, so asking for it
+    without the ``[gpu]`` extra fails here, before any weight is read.
+    """
+    arch = architecture_of(config)
+    if requested is None:
+        return arch.attn_implementations[0]
+    if requested not in arch.attn_implementations:
+        raise LosaZeroError(f"attn_implementation {requested!r} is not available for {arch.model_type}: "
+                            f"choose one of {', '.join(arch.attn_implementations)}")
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise LosaZeroError("attn_implementation flash_attention_2 needs the flash-attn package: "
+                            "install losa-zero[gpu] on a CUDA machine, or use sdpa")
+    return requested
 
 
 def _check_model_dir(path: str | os.PathLike) -> Path:
@@ -69,14 +72,14 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False):
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` from a local directory, in eval mode; ``dtype`` is a
     torch dtype or a name in :data:`DTYPES`.
 
     The config is read and checked first: loading weights of a multi-billion-parameter
     model only to reject its architecture afterwards would waste minutes and memory.
-    SDPA attention is requested because it is exact (same math as eager) and is the
-    memory-frugal path on both CPU and GPU.
+    ``attn_implementation`` is resolved by :func:`attn_implementation_for`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,20 +89,20 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
         config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise LosaZeroError(f"cannot read {p / 'config.json'} ({exc}): pass a folder made by save_pretrained") from exc
-    check_supported(config)
+    attn = attn_implementation_for(config, attn_implementation)
     from .compressed import load_compressed_model, sparsity_config
 
     try:
         if sparsity_config(p) is not None:  # a compressed-tensors sparse directory
             model = load_compressed_model(p, config, dtype, trust_remote_code=trust_remote_code,
-                                          attn_implementation="sdpa")
+                                          attn_implementation=attn)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 p,
                 dtype=dtype,
                 local_files_only=True,
                 trust_remote_code=trust_remote_code,
-                attn_implementation="sdpa",
+                attn_implementation=attn,
             )
     except OSError as exc:
         raise LosaZeroError(f"cannot load model weights from {p}: {exc}".splitlines()[0]) from exc
@@ -109,47 +112,58 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder layers (``model.model.layers``) of a supported causal LM."""
+    """The stack of decoder layers of a supported causal LM (where its architecture says)."""
+    arch = architecture_of(model.config)
     try:
-        layers = model.model.layers
+        layers = model.get_submodule(arch.layers)
     except AttributeError as exc:
-        raise LosaZeroError(
-            f"{type(model).__name__} has no model.layers: losa-zero supports the LLaMA layout "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
-        ) from exc
+        raise LosaZeroError(f"{type(model).__name__} has no {arch.layers}: losa-zero supports the causal LMs of "
+                            f"{supported_list()}") from exc
     return layers
 
 
+def input_groups(layer: nn.Module) -> list[tuple[str, ...]]:
+    """The layer's target linear names (relative to the layer, in application order)
+    grouped by shared input: LLaMA ``[(q, k, v), (o,), (gate, up), (down,)]``, Phi-3
+    ``[(qkv,), (o,), (gate_up,), (down,)]``. One input statistic serves a whole group."""
+    return [tuple(lin.name for lin in group) for group in architecture_of_layer(layer).input_groups]
+
+
+def target_names(model: nn.Module) -> tuple[str, ...]:
+    """The target linear names of every decoder layer of ``model`` (relative to a layer)."""
+    return architecture_of(model.config).target_names
+
+
 def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
-    """The prunable projections of one decoder layer, keyed by :data:`TARGET_LINEARS` name."""
+    """The prunable projections of one decoder layer, keyed by name, in application order.
+
+    A plain ``nn.Linear`` in the layer that its architecture does not list means a variant
+    the registry does not describe; it is refused rather than left dense without a word."""
+    arch = architecture_of_layer(layer)
     out: dict[str, nn.Module] = {}
-    for name in TARGET_LINEARS:
+    for name in arch.target_names:
         try:
             out[name] = layer.get_submodule(name)
         except AttributeError as exc:
-            raise LosaZeroError(
-                f"decoder layer has no {name}: losa-zero supports the LLaMA layout ({', '.join(SUPPORTED_MODEL_TYPES)})"
-            ) from exc
+            raise LosaZeroError(f"{type(layer).__name__} has no {name}: its layout differs from the "
+                                f"{arch.model_type} entry of losa_zero.architectures") from exc
+    extra = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n not in out]
+    if extra:
+        raise LosaZeroError(f"{type(layer).__name__} has linears {', '.join(extra)} that the {arch.model_type} "
+                            "entry of losa_zero.architectures does not list")
     return out
 
 
-def input_groups(layer: nn.Module) -> list[tuple[str, ...]]:
-    """The layer's target linears grouped by the input they read, in order (names relative
-    to the layer): linears of one group see the same activations, so they share one set of
-    calibration statistics (one Wanda norm, one SparseGPT Hessian and its factorisation)."""
-    layer_linears(layer)  # the layout check
-    return list(_INPUT_GROUPS)
-
-
-# LLaMA layout: q/k/v read the attention input, gate/up the MLP input.
-_INPUT_GROUPS = (TARGET_LINEARS[0:3], TARGET_LINEARS[3:4], TARGET_LINEARS[4:6], TARGET_LINEARS[6:7])
+def linear_full_name(model: nn.Module, layer: int, name: str) -> str:
+    """The fully qualified name (``model.layers.0.self_attn.q_proj``) of one target linear."""
+    return f"{architecture_of(model.config).layers}.{layer}.{name}"
 
 
 def linear_full_names(model: nn.Module) -> list[str]:
-    """Fully qualified names (``model.layers.0.self_attn.q_proj``...) of every target linear,
-    layer by layer; these are the keys used in masks, reports and sparsity allocations."""
-    n = len(decoder_layers(model))
-    return [f"model.layers.{i}.{name}" for i in range(n) for name in TARGET_LINEARS]
+    """Fully qualified names of every target linear, layer by layer; these are the keys used
+    in masks, reports and sparsity allocations."""
+    n, names = len(decoder_layers(model)), target_names(model)
+    return [linear_full_name(model, i, name) for i in range(n) for name in names]
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:

@@ -1,8 +1,10 @@
-"""``losa-zero plan``: will a LoSA run under ZeRO-3 fit these GPUs, and where does it need offload?
+"""``losa-zero plan``: will a LoSA run fit these GPUs, and where does it need offload?
 
 An analytic estimate of the per-GPU and per-node host memory of ``losa-zero train`` (the
-ZeRO-3 path), from the model's shape alone (a known name or any HF ``config.json``: no
-weights are read). 1 GB here is 10^9 bytes, for the estimates and for ``--gpu-memory`` /
+ZeRO-3 path) or, with ``--single-process``, of ``losa-zero losa`` on one GPU, from the
+model's shape alone (a known name or any HF ``config.json`` of a supported architecture:
+no weights are read). The layer's linears, their widths and which of them share an input
+come from the architecture registry (:mod:`losa_zero.architectures`). 1 GB here is 10^9 bytes, for the estimates and for ``--gpu-memory`` /
 ``--host-memory`` alike (an "80GB" A100 has 85.9e9 bytes, so ``--gpu-memory 80`` keeps a
 margin).
 
@@ -12,7 +14,7 @@ GPUs per node, b = bytes of the run's dtype, 2 for bf16):
 ==========================  ================================================================
 weights                     b*P/W (ZeRO-3 partitions); 0 on the GPU with parameter offload
 masks                       P_lin/(8W): one bit per linear weight, partitioned like the weights
-LoRA factors                r_max*(in+out) for the 7 linears of every layer, /W, each with:
+LoRA factors                r_max*(in+out) for the target linears of every layer, /W, each with:
                             b (param) + b (grad) on the GPU; fp32 master 4 + fp32 grad 4 +
                             optimizer state (8-bit Adam: 2; torch AdamW: 8) on the GPU, or on
                             the host where the DeepSpeed config offloads the optimizer
@@ -30,12 +32,18 @@ pruning workspace           Wanda: this rank's share of the block's new weights 
 fine-tuning activations     micro_batch x max_length tokens. Activation checkpointing
                             (``gradient_checkpointing: true``): every layer's input (h*b per
                             token per layer) + one layer's full set; without it every layer's
-                            set. A layer's set per token is what autograd saves for a LLaMA
-                            layer with the sparse LoRA adapters under ZeRO-3, counted with
-                            saved-tensor hooks: (17h + 6i)*b (norms, q/k/v/o, SDPA inputs and
-                            output, SwiGLU, the 7 adapters' dropped-out inputs) + the dropout
-                            masks (6h + i) bytes; SDPA/flash attention keeps no seq^2 term
-                            (``--attention math`` adds heads*seq*b per token). Times the
+                            set. A layer's set per token, from the architecture entry: every
+                            adapter's dropped-out input (sum of the linears' input widths) and
+                            its dropout mask (1 byte each), each shared-input group's input,
+                            six attention-wide tensors (projections, rotated q/k, attention
+                            output), four MLP-wide ones (gate, up, activation, product), each
+                            norm's input, and two more attention-wide tensors with per-head q/k
+                            norms; all at b bytes but the masks. For a LLaMA layer this is
+                            (17h + 6i)*b + (6h + i), what saved-tensor hooks counted for a
+                            LLaMA layer with the sparse LoRA adapters under ZeRO-3. SDPA/flash
+                            attention keeps no seq^2 term
+                            (``--attention math``, the default for an architecture whose
+                            default kernel is eager, adds heads*seq*b per token). Times the
                             backward peak factor (2.0, below)
 logits                      micro_batch x max_length x vocab x (b + 4 + 4 + 4) (the logits, their
                             fp32 copy, log-softmax and gradient), times the same factor
@@ -72,7 +80,15 @@ safetensors shard being loaded (page cache), one layer of dense targets, and, wi
 offload, DeepSpeed's pinned swap buffers. On a CPU-only run (``--device cpu``, the test
 machine) every GPU term above is host memory too.
 
-Exit codes: 0 fits, 3 does not fit (the table says by how much), 2 bad input.
+**One process** (``--single-process``, ``losa-zero losa`` on one GPU): the whole model at b
+bytes per parameter and its masks (one bool per target weight) stay on the GPU, the fp32
+adapters carry fp32 gradients and the optimizer state (no separate master copy), there is
+no block to gather, the calibration buffers hold all sequences, and the dense targets D_l
+are kept where the run keeps them, on the GPU (``--dense-targets host`` shows the cost on
+the host instead). The host holds the whole model once while it loads.
+
+Exit codes: 0 fits, 3 does not fit (the table says by how much), 2 bad input (also an
+unsupported architecture, and a non-finite or non-positive memory size).
 """
 from __future__ import annotations
 
@@ -83,6 +99,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .architectures import Architecture, Widths, architecture_of, linear_shapes
 from .errors import LosaZeroError
 
 GB = 1e9
@@ -121,6 +138,7 @@ class ModelShape:
     tied_embeddings: bool = False
     head_dim_override: int | None = None  # config.json "head_dim" where it differs from hidden / heads
     shard_bytes: float | None = None   # largest safetensors file, when a model directory says
+    model_type: str = "llama"          # the entry of losa_zero.architectures giving the layer's linears
 
     @property
     def head_dim(self) -> int:
@@ -130,19 +148,35 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def architecture(self) -> Architecture:
+        return architecture_of({"model_type": self.model_type})
+
+    @property
+    def widths(self) -> Widths:
+        return Widths(hidden=self.hidden, q=self.heads * self.head_dim, kv=self.kv_dim, ffn=self.intermediate)
+
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of the 7 linears of one decoder layer."""
-        h, i, kv, q = self.hidden, self.intermediate, self.kv_dim, self.heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        """(in_features, out_features) of the target linears of one decoder layer."""
+        return linear_shapes(self.architecture, self.widths)
+
+    def group_inputs(self) -> list[int]:
+        """The input width of each group of linears that read the same input."""
+        w = self.widths
+        return [w.of(group[0].inputs) for group in self.architecture.input_groups]
 
     @property
     def linear_params_per_layer(self) -> int:
         return sum(a * b for a, b in self.linears().values())
 
     @property
+    def norm_params_per_layer(self) -> int:
+        arch = self.architecture
+        return arch.norms * self.hidden + (2 * self.head_dim if arch.head_norms else 0)
+
+    @property
     def block_params(self) -> int:
-        return self.linear_params_per_layer + 2 * self.hidden     # + the two RMSNorm weights
+        return self.linear_params_per_layer + self.norm_params_per_layer
 
     @property
     def linear_params(self) -> int:
@@ -163,6 +197,17 @@ class ModelShape:
 
     def lora_params(self, rank: int) -> int:
         return self.layers * rank * sum(a + b for a, b in self.linears().values())
+
+    def saved_per_token_layer(self, b: int) -> float:
+        """Bytes autograd saves per token for one decoder layer with sparse LoRA adapters
+        (module docstring): every adapter's dropped-out input and its dropout mask, each
+        shared-input group's input, six attention-wide tensors, four MLP-wide ones, the
+        norms' inputs and, with per-head q/k norms, two more attention-wide tensors."""
+        arch, w = self.architecture, self.widths
+        adapter_inputs = sum(a for a, _ in self.linears().values())
+        values = (adapter_inputs + sum(self.group_inputs()) + 6 * w.q + 4 * w.ffn + arch.norms * w.hidden
+                  + (2 * w.q if arch.head_norms else 0))
+        return values * b + adapter_inputs
 
 
 #: shapes of released checkpoints (config.json values)
@@ -198,7 +243,12 @@ def resolve_model(spec: str) -> ModelShape:
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
+            model_type = cfg.get("model_type")
+            if model_type is None:
+                raise LosaZeroError(f"{p} has no model_type: pass the config.json that save_pretrained wrote")
+            architecture_of(cfg)  # unsupported architectures: the one-line error naming the supported ones
             shape = ModelShape(
+                model_type=str(model_type),
                 name=str(cfg.get("_name_or_path") or p.parent.name or p.name),
                 hidden=hidden, intermediate=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]),
                 heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads), vocab=int(cfg["vocab_size"]),
@@ -206,7 +256,7 @@ def resolve_model(spec: str) -> ModelShape:
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 head_dim_override=int(cfg["head_dim"]) if cfg.get("head_dim") else None)
         except (KeyError, TypeError, ValueError) as e:
-            raise LosaZeroError(f"{p}: not a LLaMA-family config (missing or bad {e})") from None
+            raise LosaZeroError(f"{p}: not a decoder config losa-zero can read (missing or bad {e})") from None
         index = p.parent / "model.safetensors.index.json"
         files = sorted(p.parent.glob("*.safetensors"))
         if files:
@@ -242,8 +292,11 @@ class PlanInputs:
     optimizer: str = "paged_adamw_8bit"
     pruner: str = "wanda"
     gradient_checkpointing: bool = True
-    attention: str = "flash"             # flash (SDPA flash / memory-efficient kernels) | math (seq^2 kept)
-    dense_targets: str = "disk"          # disk (what the run does) | host | gpu (what-if)
+    attention: str | None = None         # flash (SDPA flash / memory-efficient kernels) | math (seq^2 kept);
+                                         # None: what the architecture's default kernel does (eager: math)
+    dense_targets: str | None = None     # None: where the run keeps them (ZeRO-3: disk; one process: the
+                                         # compute device) | disk | host | gpu (what-if)
+    single_process: bool = False         # ``losa-zero losa`` on one GPU instead of ``losa-zero train``
     prefetch_bucket: float | None = None  # params; None: DeepSpeed "auto" = 0.9 hidden^2
     nvme_buffer_count: int = 5
     nvme_buffer_size: float = 1e9        # params per swap buffer (ds_configs/zero3_offload_nvme.json)
@@ -252,6 +305,12 @@ class PlanInputs:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def dense_targets_at(self) -> str:
+        if self.dense_targets is not None:
+            return self.dense_targets
+        return "gpu" if self.single_process else "disk"
 
 
 def split_share(n: int, world: int, unit: int) -> int:
@@ -262,15 +321,15 @@ def split_share(n: int, world: int, unit: int) -> int:
     return min(n, per * unit)
 
 
-def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
-    """Every term, per GPU and per node host, in bytes; the phases; and whether it fits."""
+def check_inputs(inp: PlanInputs) -> None:
+    """Refuse inputs no estimate can be made for, with the flag to fix."""
     if inp.offload not in ("none", "cpu", "nvme"):
         raise LosaZeroError(f"offload must be none, cpu or nvme here (got {inp.offload!r})")
     if inp.device not in ("gpu", "cpu"):
         raise LosaZeroError(f"device must be gpu or cpu (got {inp.device!r})")
-    if inp.attention not in ("flash", "math"):
+    if inp.attention not in (None, "flash", "math"):
         raise LosaZeroError(f"attention must be flash or math (got {inp.attention!r})")
-    if inp.dense_targets not in ("disk", "host", "gpu"):
+    if inp.dense_targets_at not in ("disk", "host", "gpu"):
         raise LosaZeroError(f"dense_targets must be disk, host or gpu (got {inp.dense_targets!r})")
     if inp.dtype not in DTYPE_BYTES or inp.optimizer not in OPTIMIZER_STATE_BYTES:
         raise LosaZeroError(f"dtype must be one of {', '.join(DTYPE_BYTES)} and optimizer one of "
@@ -278,39 +337,76 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
     if min(inp.nodes, inp.gpus_per_node, inp.nsamples, inp.calib_batch_size, inp.micro_batch_size,
            inp.max_length, inp.lora_max_rank) < 1:
         raise LosaZeroError("nodes, gpus per node, nsamples, batch sizes, max_length and the LoRA rank must be >= 1")
-    W, G = inp.world, inp.gpus_per_node
-    b = DTYPE_BYTES[inp.dtype]
-    h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
-    seqlen = inp.seqlen or min(2048, shape.max_position)
-    offload = inp.offload
-    opt_off = inp.offload_optimizer if inp.offload_optimizer is not None else offload != "none"
-    on_cpu = inp.device == "cpu"
-    notes: list[str] = []
+    for flag, gb in (("--gpu-memory", inp.gpu_memory_gb), ("--host-memory", inp.host_memory_gb)):
+        if gb is not None and not (math.isfinite(gb) and gb > 0):
+            raise LosaZeroError(f"{flag} must be a positive number of GB (got {gb})")
+    if inp.single_process:
+        if inp.world != 1 or inp.offload != "none":
+            raise LosaZeroError("--single-process plans one process on one GPU: drop --nodes/--gpus-per-node "
+                                "and --offload (those are for losa-zero train under ZeRO-3)")
+        if inp.dense_targets_at == "disk":
+            raise LosaZeroError("--single-process keeps the dense targets in memory: use --dense-targets host or gpu")
 
-    # -- persistent, per rank --------------------------------------------------------------
+
+def persistent_terms(shape: ModelShape, inp: PlanInputs, opt_off: bool) -> tuple[dict, dict]:
+    """What stays for the whole run: (per-GPU bytes, per-rank host bytes).
+
+    ZeRO-3 partitions the weights, bit-packed masks and LoRA state over the ranks (or moves
+    them to the host with offload). One process keeps the whole model and its masks (one
+    bool per weight) on the GPU, and fp32 adapters whose gradients and optimizer state are
+    fp32 too (no separate master copy)."""
+    b, W = DTYPE_BYTES[inp.dtype], inp.world
+    n_lora = shape.lora_params(inp.lora_max_rank)
+    opt_state = OPTIMIZER_STATE_BYTES[inp.optimizer]
+    if inp.single_process:
+        return ({"weights": b * shape.total_params, "masks": float(shape.linear_params),
+                 "lora_params_grads": n_lora * (4 + 4), "lora_master_optimizer": n_lora * opt_state}, {})
     weights = b * shape.total_params / W
     masks = shape.linear_params / (8 * W)
-    n_lora = shape.lora_params(inp.lora_max_rank)
-    lora_param_grad = n_lora / W * (b + b)
-    lora_master = n_lora / W * (4 + 4 + OPTIMIZER_STATE_BYTES[inp.optimizer])
+    lora_master = n_lora / W * (4 + 4 + opt_state)
+    offload = inp.offload
     dev = {"weights": 0.0 if offload != "none" else weights,
            "masks": 0.0 if offload != "none" else masks,
-           "lora_params_grads": lora_param_grad,
+           "lora_params_grads": n_lora / W * (b + b),
            "lora_master_optimizer": 0.0 if opt_off else lora_master}
     host_rank = {"weights_offloaded": weights if offload == "cpu" else 0.0,
                  "masks_offloaded": masks if offload != "none" else 0.0,
                  "lora_master_optimizer_offloaded": lora_master if opt_off else 0.0}
     if offload == "nvme":
         host_rank["nvme_swap_buffers"] = (inp.nvme_buffer_count * inp.nvme_buffer_size + inp.nvme_max_in_cpu) * b
+    return dev, host_rank
 
-    # -- transients, per rank ---------------------------------------------------------------
-    prefetch = inp.prefetch_bucket if inp.prefetch_bucket is not None else 0.9 * h * h
-    gathered = max(shape.block_params, shape.embedding_params) * b + prefetch * b
-    block_masks = shape.linear_params_per_layer * 1.0
-    n_local = split_share(inp.nsamples, W, inp.calib_batch_size)
-    calib_buffers = 3 * n_local * seqlen * h * b
+
+def attention_kind(shape: ModelShape, inp: PlanInputs) -> str:
+    """flash or math: given, else math where the architecture's default kernel is eager
+    (Gemma 2: its soft-capped logits keep the seq^2 attention weights)."""
+    if inp.attention is not None:
+        return inp.attention
+    return "math" if shape.architecture.attn_implementations[0] == "eager" else "flash"
+
+
+def finetune_activations(shape: ModelShape, inp: PlanInputs, gradient_checkpointing: bool) -> float:
+    """Peak bytes of one fine-tuning micro-step's activations (module docstring)."""
+    b = DTYPE_BYTES[inp.dtype]
+    tokens = inp.micro_batch_size * inp.max_length
+    per_token_layer = shape.saved_per_token_layer(b)
+    if attention_kind(shape, inp) == "math":
+        per_token_layer += shape.heads * inp.max_length * b
+    if gradient_checkpointing:
+        return BACKWARD_PEAK_FACTOR * tokens * (shape.layers * shape.hidden * b + per_token_layer)
+    return BACKWARD_PEAK_FACTOR * tokens * shape.layers * per_token_layer
+
+
+def transient_terms(shape: ModelShape, inp: PlanInputs, seqlen: int, n_local: int) -> dict:
+    """Per-GPU bytes that exist only inside one phase (calibration, pruning, fine-tuning)."""
+    b, W, h, i = DTYPE_BYTES[inp.dtype], inp.world, shape.hidden, shape.intermediate
+    if inp.single_process:  # the whole model is already on the GPU: nothing to gather
+        gathered = block_masks = 0.0
+    else:
+        prefetch = inp.prefetch_bucket if inp.prefetch_bucket is not None else 0.9 * h * h
+        gathered = max(shape.block_params, shape.embedding_params) * b + prefetch * b
+        block_masks = shape.linear_params_per_layer * 1.0
     bc = min(inp.calib_batch_size, n_local)
-    calib_forward = bc * seqlen * ((3 * h + 3 * i) * b + 4 * i)
     linears = shape.linears()
     lin_max = shape.largest_linear
     if inp.pruner == "sparsegpt":
@@ -321,56 +417,84 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
         share = max(lin_max, shape.linear_params_per_layer / W)
         prune_ws = share * (4 + 1) + lin_max * 9
     tokens = inp.micro_batch_size * inp.max_length
-    per_token_layer = (17 * h + 6 * i) * b + (6 * h + i)
-    if inp.attention == "math":
-        per_token_layer += shape.heads * inp.max_length * b
-    if inp.gradient_checkpointing:
-        activations = BACKWARD_PEAK_FACTOR * tokens * (L * h * b + per_token_layer)
-    else:
-        activations = BACKWARD_PEAK_FACTOR * tokens * L * per_token_layer
-    logits = BACKWARD_PEAK_FACTOR * tokens * V * (b + 4 + 4 + 4)
-    lora_transient = lin_max * (4 * b + 1)
-    dense_total = inp.nsamples * seqlen * h * L * b            # every layer, every rank
-    dense_local_layer = n_local * seqlen * h * b                # one layer, this rank
-    dense_dev = dense_local_layer * L if inp.dense_targets == "gpu" else 0.0
-    host_rank["dense_targets"] = (dense_local_layer * L if inp.dense_targets == "host"
-                                  else (dense_local_layer if inp.dense_targets == "disk" else 0.0))
+    return {"gathered_block": gathered, "block_masks_bool": block_masks,
+            "calibration_buffers": 3 * n_local * seqlen * h * b,
+            "calibration_forward": bc * seqlen * ((3 * h + 3 * i) * b + 4 * i),
+            "pruning_workspace": prune_ws,
+            "finetune_activations": finetune_activations(shape, inp, inp.gradient_checkpointing),
+            "logits": BACKWARD_PEAK_FACTOR * tokens * shape.vocab * (b + 4 + 4 + 4),
+            "lora_transient": lin_max * (4 * b + 1)}
 
-    persistent = sum(dev.values()) + dense_dev
-    phases = {
-        "dense_targets": persistent + gathered + block_masks + calib_buffers + calib_forward,
-        "prune": persistent + gathered + block_masks + calib_buffers + calib_forward + prune_ws,
-        "finetune": persistent + gathered + block_masks + lora_transient + activations + logits,
-    }
-    peak_phase = max(phases, key=phases.get)
-    fragmentation = 0.0 if on_cpu else FRAGMENTATION * phases[peak_phase]
-    context = 0.0 if on_cpu else CUDA_CONTEXT_BYTES
-    gpu_total = phases[peak_phase] + fragmentation + context
-    dev.update({"dense_targets_on_gpu": dense_dev, "gathered_block": gathered, "block_masks_bool": block_masks,
-                "calibration_buffers": calib_buffers, "calibration_forward": calib_forward,
-                "pruning_workspace": prune_ws, "finetune_activations": activations, "logits": logits,
-                "lora_transient": lora_transient, "fragmentation": fragmentation, "cuda_context": context})
 
-    # -- host, per node ----------------------------------------------------------------------
+def gpu_phases(persistent: float, t: dict) -> dict:
+    """Each phase's GPU bytes: the persistent terms plus that phase's transients."""
+    calib = t["gathered_block"] + t["block_masks_bool"] + t["calibration_buffers"] + t["calibration_forward"]
+    return {"dense_targets": persistent + calib,
+            "prune": persistent + calib + t["pruning_workspace"],
+            "finetune": persistent + t["gathered_block"] + t["block_masks_bool"] + t["lora_transient"]
+            + t["finetune_activations"] + t["logits"]}
+
+
+def host_node_terms(shape: ModelShape, inp: PlanInputs, host_rank: dict, gpu_total: float) -> tuple[dict, float]:
+    """Per node host bytes, and the peak of one rank's process. A single process loads the
+    whole model into host memory before moving it to the GPU."""
+    b, W, G = DTYPE_BYTES[inp.dtype], inp.world, inp.gpus_per_node
+    on_cpu = inp.device == "cpu"
+    n_lora = shape.lora_params(inp.lora_max_rank)
     baseline = HOST_BASELINE_CPU_RANK if on_cpu else HOST_BASELINE_GPU_RANK
-    ckpt_copy = weights + masks + n_lora / W * 4 + (OPTIMIZER_STATE_BYTES[inp.optimizer] * n_lora / W)
+    if inp.single_process:
+        ckpt_copy = b * shape.total_params  # from_pretrained materialises the model here first
+    else:
+        ckpt_copy = (b * shape.total_params / W + shape.linear_params / (8 * W) + n_lora / W * 4
+                     + OPTIMIZER_STATE_BYTES[inp.optimizer] * n_lora / W)
     shard = shape.shard_bytes if shape.shard_bytes is not None else DEFAULT_SHARD_BYTES
     if on_cpu:
         shard = min(shard, b * shape.total_params)
-    host_per_rank = baseline + sum(host_rank.values())
     host_node = {
         "process_baseline": G * baseline,
         **{k: G * v for k, v in host_rank.items()},
-        "checkpoint_save_copy": G * ckpt_copy,
+        ("model_loading_copy" if inp.single_process else "checkpoint_save_copy"): G * ckpt_copy,
         "model_loading_page_cache": shard,
     }
     if on_cpu:
         host_node["ranks_device_memory"] = G * gpu_total   # the "GPU" is this host
         host_rank["device_memory"] = gpu_total
-    host_total = sum(host_node.values())
-    per_rank_host_peak = host_per_rank + ckpt_copy + (gpu_total if on_cpu else 0.0)
+    peak = baseline + sum(v for k, v in host_rank.items() if k != "device_memory") + ckpt_copy + \
+        (gpu_total if on_cpu else 0.0)
+    return host_node, peak
 
-    # -- fit ------------------------------------------------------------------------------------
+
+def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
+    """Every term, per GPU and per node host, in bytes; the phases; and whether it fits."""
+    check_inputs(inp)
+    W, b, L = inp.world, DTYPE_BYTES[inp.dtype], shape.layers
+    seqlen = inp.seqlen or min(2048, shape.max_position)
+    opt_off = not inp.single_process and (inp.offload_optimizer if inp.offload_optimizer is not None
+                                          else inp.offload != "none")
+    on_cpu = inp.device == "cpu"
+    where = inp.dense_targets_at
+    notes: list[str] = []
+
+    dev, host_rank = persistent_terms(shape, inp, opt_off)
+    n_local = inp.nsamples if inp.single_process else split_share(inp.nsamples, W, inp.calib_batch_size)
+    transients = transient_terms(shape, inp, seqlen, n_local)
+    dense_total = inp.nsamples * seqlen * shape.hidden * L * b            # every layer, every rank
+    dense_local_layer = n_local * seqlen * shape.hidden * b                # one layer, this rank
+    dense_dev = dense_local_layer * L if where == "gpu" else 0.0
+    host_rank["dense_targets"] = (dense_local_layer * L if where == "host"
+                                  else (dense_local_layer if where == "disk" else 0.0))
+
+    persistent = sum(dev.values()) + dense_dev
+    phases = gpu_phases(persistent, transients)
+    peak_phase = max(phases, key=phases.get)
+    fragmentation = 0.0 if on_cpu else FRAGMENTATION * phases[peak_phase]
+    context = 0.0 if on_cpu else CUDA_CONTEXT_BYTES
+    gpu_total = phases[peak_phase] + fragmentation + context
+    dev.update({"dense_targets_on_gpu": dense_dev, **transients, "fragmentation": fragmentation,
+                "cuda_context": context})
+    host_node, per_rank_host_peak = host_node_terms(shape, inp, host_rank, gpu_total)
+    host_total = sum(host_node.values())
+
     problems = []
     gpu_cap = inp.gpu_memory_gb * GB
     if not on_cpu and gpu_total > gpu_cap:
@@ -381,20 +505,25 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
     if inp.batch_size % (inp.micro_batch_size * W):
         notes.append(f"batch_size {inp.batch_size} is not a multiple of micro_batch_size {inp.micro_batch_size} x "
                      f"{W} ranks: the run will refuse it (set batch_size to a multiple of {inp.micro_batch_size * W})")
-    if not inp.gradient_checkpointing:
-        notes.append("activation checkpointing off (gradient_checkpointing: false): every layer's activations stay")
+    other = finetune_activations(shape, inp, not inp.gradient_checkpointing)
+    notes.append(f"activation checkpointing {'on' if inp.gradient_checkpointing else 'off'}: fine-tuning "
+                 f"activations {transients['finetune_activations'] / GB:.2f} GB "
+                 f"({'off' if inp.gradient_checkpointing else 'on'}: {other / GB:.2f} GB)")
     notes.append(f"dense targets D_l: {dense_total / GB:.1f} GB for all {L} layers x {inp.nsamples} x {seqlen} "
                  + {"disk": f"on disk (CHECKPOINT_DIR/dense_targets, {dense_total / inp.nodes / GB:.1f} GB per "
                             f"node), memory-mapped one layer at a time",
-                    "host": "kept in host memory (what-if)", "gpu": "kept in GPU memory (what-if)"}[inp.dense_targets])
-    if offload == "nvme":
+                    "host": "kept in host memory" + ("" if inp.single_process else " (what-if)"),
+                    "gpu": "kept in GPU memory" + (" (what losa-zero losa does)" if inp.single_process
+                                                   else " (what-if)")}[where])
+    if inp.offload == "nvme":
         notes.append(f"NVMe: {b * shape.total_params / inp.nodes / GB:.1f} GB of weights per node on the NVMe "
                      f"path of the DeepSpeed config")
     return {
         "model": asdict(shape) | {"total_params": shape.total_params, "linear_params": shape.linear_params,
-                                  "block_params": shape.block_params, "largest_linear": lin_max,
-                                  "lora_params": n_lora},
-        "inputs": asdict(inp) | {"seqlen": seqlen, "world": W, "offload_optimizer": opt_off},
+                                  "block_params": shape.block_params, "largest_linear": shape.largest_linear,
+                                  "lora_params": shape.lora_params(inp.lora_max_rank)},
+        "inputs": asdict(inp) | {"seqlen": seqlen, "world": W, "offload_optimizer": opt_off, "dense_targets": where,
+                                 "attention": attention_kind(shape, inp)},
         "calibration_share": n_local,
         "gpu_bytes": dev,
         "gpu_phases": phases,
@@ -407,7 +536,7 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> dict:
         "host_rank_peak": per_rank_host_peak,
         "host_capacity": None if inp.host_memory_gb is None else inp.host_memory_gb * GB,
         "dense_targets_total": dense_total,
-        "dense_targets_disk_per_node": dense_total / inp.nodes if inp.dense_targets == "disk" else 0.0,
+        "dense_targets_disk_per_node": dense_total / inp.nodes if where == "disk" else 0.0,
         "fits": not problems,
         "problems": problems,
         "notes": notes,
@@ -443,6 +572,12 @@ LABELS = {
     "logits": "logits + loss", "lora_transient": "LoRA masked-update transient",
     "fragmentation": f"fragmentation ({FRAGMENTATION:.0%})", "cuda_context": "CUDA context + NCCL",
 }
+#: where one process differs (--single-process)
+SINGLE_PROCESS_LABELS = {
+    "weights": "weights (whole model)", "masks": "masks (bool per weight)", "lora_params_grads": "LoRA fp32 params + grads",
+    "lora_master_optimizer": "LoRA optimizer state", "dense_targets_on_gpu": "dense targets D_l",
+    "calibration_buffers": "calibration buffers (3 x all)", "cuda_context": "CUDA context",
+}
 
 
 def format_plan(r: dict) -> str:
@@ -450,8 +585,10 @@ def format_plan(r: dict) -> str:
     dev_word = "GPU" if inp["device"] == "gpu" else "rank (CPU run: host memory)"
     lines = [
         f"losa-zero plan: {m['name']} ({m['total_params'] / 1e9:.2f}B params, {m['layers']} layers, hidden "
-        f"{m['hidden']}) on {inp['nodes']} node(s) x {inp['gpus_per_node']} = {inp['world']} rank(s), "
-        f"{inp['dtype']}, offload {inp['offload']}" + (" (+ optimizer)" if inp["offload_optimizer"] else ""),
+        f"{m['hidden']}, {m['model_type']}) "
+        + ("as one process (losa-zero losa) on one GPU, " if inp["single_process"] else
+           f"on {inp['nodes']} node(s) x {inp['gpus_per_node']} = {inp['world']} rank(s), ")
+        + f"{inp['dtype']}, offload {inp['offload']}" + (" (+ optimizer)" if inp["offload_optimizer"] else ""),
         f"  calibration {inp['nsamples']} x {inp['seqlen']} ({r['calibration_share']} sequences on the busiest "
         f"rank), fine-tuning micro-batch {inp['micro_batch_size']} x {inp['max_length']}, activation "
         f"checkpointing {'on' if inp['gradient_checkpointing'] else 'off'}, pruner {inp['pruner']}, "
@@ -459,9 +596,10 @@ def format_plan(r: dict) -> str:
         "",
         f"  per {dev_word}{'':<22} GB",
     ]
+    labels = LABELS | (SINGLE_PROCESS_LABELS if inp["single_process"] else {})
     for k, v in r["gpu_bytes"].items():
         if v or k in ("weights", "masks"):
-            lines.append(f"    {LABELS.get(k, k):<38}{_gb(v)}")
+            lines.append(f"    {labels.get(k, k):<38}{_gb(v)}")
     ph = r["gpu_phases"]
     lines.append("    phases (persistent + transients):   " + ", ".join(
         f"{k} {v / GB:.2f}" for k, v in ph.items()) + f"  -> peak in {r['gpu_peak_phase']}")
@@ -532,12 +670,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="losa-zero plan",
-        description="Per-GPU and per-node memory of a LoSA run under ZeRO-3, and whether it fits. "
+        description="Per-GPU and per-node memory of a LoSA run under ZeRO-3 (losa-zero train) or on one GPU "
+                    "(--single-process: losa-zero losa), and whether it fits. "
                     "Exit 0: fits; 3: does not fit; 2: bad input. 1 GB = 1e9 bytes.")
     p.add_argument("--model", required=True,
                    help=f"known name ({', '.join(KNOWN_MODELS)}), a HF config.json, or a model directory")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (GPUs; CPU processes with --device cpu)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per node (GPUs; CPU processes with --device cpu; default 8, 1 with --single-process)")
+    p.add_argument("--single-process", action="store_true",
+                   help="plan losa-zero losa on one GPU (whole model on the GPU, no ZeRO-3) instead of losa-zero train")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80: A100 80GB)")
     p.add_argument("--host-memory", type=float, default=None, help="GB of host memory per node (unchecked if absent)")
     p.add_argument("--offload", default=None, choices=("none", "cpu", "nvme", "auto"),
@@ -546,10 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-optimizer", default=None, action=argparse.BooleanOptionalAction,
                    help="optimizer state on the host (default: with parameter offload)")
     p.add_argument("--device", default="gpu", choices=("gpu", "cpu"), help="cpu: a CPU-only run (ranks are processes)")
-    p.add_argument("--attention", default="flash", choices=("flash", "math"),
-                   help="flash: SDPA flash/memory-efficient attention (no seq^2 activations); math: eager or math SDPA")
-    p.add_argument("--dense-targets", default="disk", choices=("disk", "host", "gpu"),
-                   help="where the dense reconstruction targets live (disk: what the run does; host/gpu: what-if)")
+    p.add_argument("--attention", default=None, choices=("flash", "math"),
+                   help="flash: SDPA flash/memory-efficient attention (no seq^2 activations); math: eager or math SDPA "
+                        "(default: what the run's attn_implementation, else the architecture's default, does)")
+    p.add_argument("--dense-targets", default=None, choices=("disk", "host", "gpu"),
+                   help="where the dense reconstruction targets live (default: where the run keeps them, disk "
+                        "under ZeRO-3 and the GPU with --single-process; the others: what-if)")
     p.add_argument("--run-config", default=None, help="a losa-zero train run config (YAML): its nsamples, seqlen, "
                    "batch sizes, max_length, lora_max_rank, optimizer, pruner, dtype, gradient_checkpointing and "
                    "deepspeed are used unless given here")
@@ -585,6 +729,8 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         if isinstance(values.get("gradient_checkpointing"), str):
             values["gradient_checkpointing"] = values["gradient_checkpointing"].lower() in ("1", "true", "yes")
         ds_path = ds_path or rc.get("deepspeed")
+        if rc.get("attn_implementation") is not None:
+            values["attention"] = "math" if rc["attn_implementation"] == "eager" else "flash"
         if rc.get("dtype") is None:
             values["dtype"] = "float32"     # the run config's own default (LosaConfig.dtype)
         if rc.get("gradient_checkpointing") is None:
@@ -592,6 +738,8 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         if rc.get("micro_batch_size") is None:
             values["micro_batch_size"] = 8  # LosaConfig's default
     values.update(_ds_settings(ds_path))
+    if args.attention is not None:
+        values["attention"] = args.attention
     for key in RUN_CONFIG_KEYS:
         v = getattr(args, key)
         if v is not None:
@@ -600,9 +748,11 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         values["offload"] = args.offload
     if args.offload_optimizer is not None:
         values["offload_optimizer"] = args.offload_optimizer
-    inp = PlanInputs(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
+    if args.single_process and args.gradient_checkpointing is None and not args.run_config:
+        values["gradient_checkpointing"] = False  # losa-zero losa's fine-tuning keeps every layer's activations
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (1 if args.single_process else 8)
+    inp = PlanInputs(nodes=args.nodes, gpus_per_node=gpus, gpu_memory_gb=args.gpu_memory, single_process=args.single_process,
                      host_memory_gb=args.host_memory, device=args.device, dense_targets=args.dense_targets,
-                     attention=args.attention,
                      **values)
     return resolve_model(args.model), inp
 

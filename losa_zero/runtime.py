@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import LosaZeroError
 from .lora import SparseLoRALinear
-from .modeling import decoder_layers, layer_linears
+from .modeling import decoder_layers, layer_linears, linear_full_name
 
 log = logging.getLogger("losa_zero")
 
@@ -145,7 +145,7 @@ class Runtime:
             with self.gathered(layer):
                 for name, lin in layer_linears(layer).items():
                     p, t = self.count_pruned(lin)
-                    per_linear[f"model.layers.{l}.{name}"] = p / t
+                    per_linear[linear_full_name(model, l, name)] = p / t
                     pruned_total += p
                     total += t
         return pruned_total / total, per_linear

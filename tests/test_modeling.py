@@ -11,9 +11,9 @@ import torch
 
 from losa_zero.errors import LosaZeroError
 from losa_zero.modeling import (
-    TARGET_LINEARS,
     check_supported,
     decoder_layers,
+    input_groups,
     layer_linears,
     linear_full_names,
     load_model,
@@ -107,7 +107,10 @@ def test_structure_helpers(stories):
     layers = decoder_layers(model)
     assert len(layers) == 5
     lin = layer_linears(layers[0])
-    assert tuple(lin) == TARGET_LINEARS
+    assert tuple(lin) == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert input_groups(layers[0]) == [tuple(list(lin)[:3]), ("self_attn.o_proj",),
+                                       ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
     assert lin["mlp.down_proj"].weight.shape == (64, 172)
     assert lin["self_attn.k_proj"].weight.shape == (32, 64)
     names = linear_full_names(model)

@@ -133,8 +133,8 @@ def test_known_shapes_and_config_json(tmp_path):
     for name, params in (("llama-2-7b", 6.74), ("llama-2-13b", 13.02), ("llama-2-70b", 68.98),
                          ("llama-3-8b", 8.03), ("Meta-Llama-3-70B", 70.55)):
         assert round(resolve_model(name).total_params / 1e9, 2) == params, name
-    cfg = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-           "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096}
+    cfg = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+           "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert resolve_model(str(tmp_path)).total_params == P
     assert resolve_model(str(tmp_path / "config.json")).total_params == P
@@ -214,3 +214,101 @@ def test_losa_zero_plan_command_exit_codes(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert main(["plan", "--model", "llama-2-13b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+def _config_dir(tmp_path, name, cfg) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    cfg.save_pretrained(d) if hasattr(cfg, "save_pretrained") else (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_layer_shapes_come_from_the_architecture(kind, tmp_path):
+    """Parameter counts read from a config.json equal the real model's (linears, norms,
+    embeddings; biases are not counted), for every supported architecture."""
+    from archs import tiny_config, tiny_model
+
+    from losa_zero.modeling import linear_full_names
+
+    model = tiny_model(kind)
+    shape = resolve_model(_config_dir(tmp_path, kind, tiny_config(kind)))
+    assert shape.model_type == model.config.model_type
+    lin = sum(model.get_submodule(n).weight.numel() for n in linear_full_names(model))
+    assert shape.linear_params == lin
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".bias"))
+    assert shape.total_params == total
+    assert shape.lora_params(4) == sum(4 * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
+                                       for n in linear_full_names(model))
+
+
+def test_llama_activation_set_is_the_measured_one():
+    """For LLaMA the architecture-driven count is the one measured with saved-tensor hooks:
+    (17h + 6i) values + (6h + i) mask bytes per token."""
+    s = resolve_model("llama-2-7b")
+    h, i = s.hidden, s.intermediate
+    assert s.saved_per_token_layer(2) == (17 * h + 6 * i) * 2 + (6 * h + i)
+
+
+def test_fused_phi3_has_four_adapters(tmp_path):
+    """Phi-3's fused qkv/gate_up: 4 adapters per layer, so fewer adapter inputs are saved."""
+    from archs import tiny_config
+
+    phi = resolve_model(_config_dir(tmp_path, "phi3", tiny_config("phi3")))
+    llama = resolve_model(_config_dir(tmp_path, "llama", tiny_config("llama3")))
+    assert len(phi.linears()) == 4 and len(llama.linears()) == 7
+    assert phi.linear_params == llama.linear_params
+    assert phi.saved_per_token_layer(2) < llama.saved_per_token_layer(2)
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    gpt2 = _config_dir(tmp_path, "gpt2", {"model_type": "gpt2", "hidden_size": 8, "intermediate_size": 8,
+                                          "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8})
+    assert main_plan(["--model", gpt2]) == 2
+    err = capsys.readouterr().err
+    assert "model type 'gpt2' is not supported" in err and "llama" in err and err.count("\n") == 1
+    for flag, value in (("--gpu-memory", "nan"), ("--gpu-memory", "0"), ("--gpu-memory", "-80"),
+                        ("--host-memory", "inf"), ("--host-memory", "-1")):
+        assert main_plan(["--model", "llama-2-7b", flag, value]) == 2, (flag, value)
+        assert f"{flag} must be a positive number" in capsys.readouterr().err
+    assert main_plan(["--model", "llama-2-7b", "--single-process", "--offload", "cpu"]) == 2
+    assert main_plan(["--model", "llama-2-7b", "--single-process", "--dense-targets", "disk"]) == 2
+
+
+def test_single_process_7b_and_13b_on_one_80gb_gpu(tmp_path):
+    """``losa-zero losa`` on one GPU: the whole model, bool masks, fp32 LoRA state and the
+    dense targets on the GPU (what the run does) do not fit 7B at 128 x 2048; with the dense
+    targets on the host 7B fits and 13B does not; the terms are the hand-computed ones."""
+    common = ["--single-process", "--gpu-memory", "80", "--dtype", "bfloat16", "--optimizer", "adamw",
+              "--nsamples", "128", "--seqlen", "2048"]
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common)
+    s = resolve_model("llama-2-7b")
+    assert code == 3 and r["inputs"]["world"] == 1 and "as one process" in text
+    g = r["gpu_bytes"]
+    assert g["weights"] == 2 * s.total_params and g["masks"] == s.linear_params
+    assert g["lora_params_grads"] == 8 * s.lora_params(16) and g["lora_master_optimizer"] == 8 * s.lora_params(16)
+    assert g["dense_targets_on_gpu"] == 128 * 2048 * 4096 * 32 * 2 and g["gathered_block"] == 0
+    assert g["calibration_buffers"] == 3 * 128 * 2048 * 4096 * 2
+    assert not r["inputs"]["gradient_checkpointing"]        # losa-zero losa keeps every layer's activations
+    assert g["finetune_activations"] == 2.0 * 1024 * 32 * s.saved_per_token_layer(2)
+    assert any("activation checkpointing off" in n and "(on: " in n for n in r["notes"])
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common, "--dense-targets", "host")
+    assert code == 0 and r["gpu_bytes"]["dense_targets_on_gpu"] == 0
+    assert r["host_rank_bytes"]["dense_targets"] == 128 * 2048 * 4096 * 32 * 2
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-13b", *common, "--dense-targets", "host")
+    assert code == 3 and "DOES NOT FIT" in text
+
+
+def test_eager_architectures_count_the_attention_weights(tmp_path):
+    """Gemma 2 runs eager attention (soft-capping), which keeps heads x seq values per token:
+    the plan counts them unless --attention flash says the run uses flash-attention."""
+    from archs import tiny_config
+
+    d = _config_dir(tmp_path, "gemma2", tiny_config("gemma2"))
+    code, r, _ = run_plan(tmp_path, "--model", d, "--single-process")
+    code_f, r_f, _ = run_plan(tmp_path, "--model", d, "--single-process", "--attention", "flash")
+    assert r["inputs"]["attention"] == "math" and r_f["inputs"]["attention"] == "flash"
+    shape = resolve_model(d)
+    tokens, L = r["inputs"]["micro_batch_size"] * r["inputs"]["max_length"], shape.layers
+    extra = 2.0 * tokens * L * shape.heads * r["inputs"]["max_length"] * 2
+    assert r["gpu_bytes"]["finetune_activations"] - r_f["gpu_bytes"]["finetune_activations"] == pytest.approx(extra)

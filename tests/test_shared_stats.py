@@ -12,7 +12,7 @@ import torch
 import losa_zero.blockwise as blockwise
 import losa_zero.pruners.sparsegpt as sparsegpt_mod
 from losa_zero.blockwise import capture_inputs, collect_input_stats, sequential_prune
-from losa_zero.modeling import TARGET_LINEARS, decoder_layers, input_groups
+from losa_zero.modeling import decoder_layers, input_groups, target_names
 from losa_zero.pruners import SparsityTarget, WandaStats, get_pruner, lowest_k_keep, nm_keep, rowwise_keep
 from losa_zero.pruners.masks import count_to_prune
 from losa_zero.runtime import Runtime
@@ -37,12 +37,13 @@ def _prune(model, method, target, per_linear: bool, monkeypatch):
 
     with monkeypatch.context() as mp:
         mp.setattr(sparsegpt_mod, "inverse_hessian_cholesky", counting)
+        names = target_names(model)
         if per_linear:
-            mp.setattr(blockwise, "input_groups", lambda layer: [(name,) for name in TARGET_LINEARS])
+            mp.setattr(blockwise, "input_groups", lambda layer: [(name,) for name in names])
         ids = torch.randint(0, 97, (6, 24), generator=torch.Generator().manual_seed(1))
         runtime = Runtime("cpu")
         acts = capture_inputs(model, ids, runtime, 4)
-        sequential_prune(model, acts, get_pruner(method), lambda l: {n: target for n in TARGET_LINEARS}, runtime, 4)
+        sequential_prune(model, acts, get_pruner(method), lambda l: {n: target for n in names}, runtime, 4)
     return calls
 
 
@@ -66,7 +67,7 @@ def test_one_statistics_object_per_input_group():
     layer = decoder_layers(model)[0]
     runtime = Runtime("cpu")
     acts = capture_inputs(model, torch.randint(0, 97, (2, 16)), runtime, 2)
-    stats = collect_input_stats(layer, get_pruner("wanda"), acts, runtime, 2)
+    stats = collect_input_stats(layer, get_pruner("wanda"), acts, runtime, 2, layer=0)
     groups = input_groups(layer)
     assert [len(g) for g in groups] == [3, 1, 2, 1]
     assert len({id(s) for s in stats.values()}) == 4

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blockwise import Activations, collect_input_stats, forward_block
+from ..blockwise import Activations, call_block, collect_input_stats, forward_block
 from ..errors import LosaZeroError
 from ..lora import SparseLoRALinear
 from ..modeling import decoder_layers, layer_linears
@@ -243,11 +243,6 @@ def override_linears(block: nn.Module, weights: dict[str, Tensor]):
             p.requires_grad_(True)
 
 
-def _call_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @dataclass
 class BesaBlockResult:
     """What BESA learned for one block."""
@@ -288,12 +283,89 @@ def _rank_counts(runtime: Runtime, n_local: int) -> list[int]:
     return [int(c) for c in counts.tolist()]
 
 
+@torch.no_grad()
+def dense_reference(block: nn.Module, acts: Activations, runtime: Runtime, batch_size: int,
+                    layer: int) -> tuple[dict, Tensor, Tensor]:
+    """Steps 1-2 of the doc's Procedure: the dense block's Wanda input statistics, its
+    output Y on this rank's sequences, and Y's per-channel mean square over every rank's
+    tokens (the reconstruction loss's normaliser)."""
+    device = runtime.device
+    stats = collect_input_stats(block, WandaPruner(), acts, runtime, batch_size, layer=layer)
+    dense = forward_block(block, acts, batch_size, device, layer=layer)
+    sums = torch.zeros(dense.shape[-1] + 1, dtype=torch.float64, device=device)
+    for s in range(0, dense.shape[0], batch_size):
+        y = dense[s:s + batch_size].to(device=device, dtype=torch.float64).reshape(-1, dense.shape[-1])
+        sums[:-1] += y.square().sum(0)
+        sums[-1] += y.shape[0]
+    runtime.all_reduce_sum_([sums])
+    return stats, dense, (sums[:-1] / sums[-1].clamp_min(1)).float()
+
+
+def learn_rates(block: nn.Module, acts: Activations, runtime: Runtime, rates: dict[str, LinearRates],
+                weights: dict[str, Tensor], current: dict[str, Tensor], dense: Tensor, channel_ms: Tensor,
+                target: float, opts: BesaOptions, d_coef: float, layer: int) -> list[float]:
+    """Steps 4-7: straight-through training of the rate logits, batch 1, for ``opts.epochs``
+    epochs; returns the reconstruction loss of every sequence this rank trained on.
+
+    The sequences are visited in their global order (ranks hold contiguous slices, in rank
+    order): for each one the rank holding it computes the gradient, the others contribute
+    zeros, the sum is all-reduced and every rank takes the same step. So the optimiser sees
+    the same n batch-1 steps on any number of ranks."""
+    from prodigyopt import Prodigy
+
+    device = runtime.device
+    total = sum(r.numel for r in rates.values())
+    params = [r.theta for r in rates.values()]
+    opt = Prodigy(params, lr=1.0, d_coef=d_coef)
+    schedule = [(r, i) for r, n in enumerate(_rank_counts(runtime, acts.hidden.shape[0])) for i in range(n)]
+    losses: list[float] = []
+    with torch.enable_grad():
+        for _ in range(opts.epochs):
+            for owner, i in schedule:
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                if owner == runtime.rank:
+                    expected = 0.0
+                    for name, r in rates.items():
+                        mask, row_rates = r.mask()
+                        current[name] = weights[name] * mask
+                        expected = expected + row_rates.sum() * r.cols
+                    expected = expected / total
+                    out = call_block(block, acts.hidden[i:i + 1].to(device), acts.layer_kwargs[layer])
+                    recon = reconstruction_loss(out, dense[i:i + 1].to(device), channel_ms)
+                    loss = recon + sparsity_penalty(expected, target, opts.lam)
+                    loss.backward()
+                    losses.append(float(recon.detach()))
+                    current.update(weights)  # drop the autograd graphs
+                    del out, loss, mask, row_rates, expected
+                runtime.all_reduce_sum_([p.grad for p in params])
+                opt.step()
+    return losses
+
+
+@torch.no_grad()
+def harden(rates: dict[str, LinearRates], weights: dict[str, Tensor],
+           current: dict[str, Tensor]) -> tuple[dict[str, SparsityTarget], dict[str, float], int, float]:
+    """Step 8: hard masks from the final logits, applied in ``current``. Returns the per-row
+    targets, the realised rate of every linear, the pruned count and s_block of the logits."""
+    total = sum(r.numel for r in rates.values())
+    targets, linear_rates, pruned = {}, {}, 0
+    expected = sum(float(r.expected_rates().sum()) * r.cols for r in rates.values()) / total
+    for name, r in rates.items():
+        counts = r.counts(r.expected_rates())
+        targets[name] = SparsityTarget.per_row(counts, r.cols)
+        keep = r.hard_keep(counts)
+        current[name] = weights[name] * keep
+        n_pruned = int((~keep).sum())
+        linear_rates[name] = n_pruned / r.numel
+        pruned += n_pruned
+    return targets, linear_rates, pruned, expected
+
+
 def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, target: float, opts: BesaOptions,
                      batch_size: int, d_coef: float, layer: int = 0) -> BesaBlockResult:
     """Learn one (gathered) block's allocation on its inputs ``acts`` (docs/method.md §9.1-9.8);
     on return ``acts.hidden`` holds the block's output with the learned masks applied."""
-    from prodigyopt import Prodigy
-
     t0 = time.perf_counter()
     device = runtime.device
     linears = layer_linears(block)
@@ -304,17 +376,7 @@ def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, targ
 
     current = dict(weights)  # what the block's linears apply; swapped between forwards
     with override_linears(block, current):
-        # 1-2. Dense block on X_p: Wanda norms, reference output Y and its channel mean squares.
-        stats = collect_input_stats(block, WandaPruner(), acts, runtime, batch_size)
-        dense = forward_block(block, acts, batch_size, device)
-        sums = torch.zeros(dense.shape[-1] + 1, dtype=torch.float64, device=device)
-        for s in range(0, dense.shape[0], batch_size):
-            y = dense[s:s + batch_size].to(device=device, dtype=torch.float64).reshape(-1, dense.shape[-1])
-            sums[:-1] += y.square().sum(0)
-            sums[-1] += y.shape[0]
-        runtime.all_reduce_sum_([sums])
-        channel_ms = (sums[:-1] / sums[-1].clamp_min(1)).float()
-
+        stats, dense, channel_ms = dense_reference(block, acts, runtime, batch_size, layer)
         # 3. Learnable rates, logits initialised to 0.
         rates = {}
         for name, w in weights.items():
@@ -322,55 +384,14 @@ def besa_learn_block(block: nn.Module, acts: Activations, runtime: Runtime, targ
             rates[name] = LinearRates(score, prev[name], opts.granularity, use_sigmoid)
             del score
         del stats
+        losses = learn_rates(block, acts, runtime, rates, weights, current, dense, channel_ms, target, opts,
+                             d_coef, layer)
+        del dense
+        targets, linear_rates, pruned, expected = harden(rates, weights, current)
         total = sum(r.numel for r in rates.values())
-        params = [r.theta for r in rates.values()]
-        opt = Prodigy(params, lr=1.0, d_coef=d_coef)
-
-        # 4-7. One epoch (by default) over the sequences, batch 1, straight-through masks.
-        # The sequences are visited in their global order (ranks hold contiguous slices, in
-        # rank order): for each one the rank holding it computes the gradient, the others
-        # contribute zeros, the sum is all-reduced and every rank takes the same step. So
-        # the optimiser sees the same n batch-1 steps on any number of ranks.
-        n_local = acts.hidden.shape[0]
-        schedule = [(r, i) for r, n in enumerate(_rank_counts(runtime, n_local)) for i in range(n)]
-        losses: list[float] = []
-        with torch.enable_grad():
-            for _ in range(opts.epochs):
-                for owner, i in schedule:
-                    for p in params:
-                        p.grad = torch.zeros_like(p)
-                    if owner == runtime.rank:
-                        expected = 0.0
-                        for name, r in rates.items():
-                            mask, row_rates = r.mask()
-                            current[name] = weights[name] * mask
-                            expected = expected + row_rates.sum() * r.cols
-                        expected = expected / total
-                        out = _call_block(block, acts.hidden[i:i + 1].to(device), acts.kwargs)
-                        recon = reconstruction_loss(out, dense[i:i + 1].to(device), channel_ms)
-                        loss = recon + sparsity_penalty(expected, target, opts.lam)
-                        loss.backward()
-                        losses.append(float(recon.detach()))
-                        current.update(weights)  # drop the autograd graphs
-                        del out, loss, mask, row_rates, expected
-                    runtime.all_reduce_sum_([p.grad for p in params])
-                    opt.step()
-        del opt, dense
-
-        # 8. Hard masks from the final logits; the masked block's output feeds the next block.
-        targets, linear_rates, pruned = {}, {}, 0
-        with torch.no_grad():
-            expected = sum(float(r.expected_rates().sum()) * r.cols for r in rates.values()) / total
-            for name, r in rates.items():
-                counts = r.counts(r.expected_rates())
-                targets[name] = SparsityTarget.per_row(counts, r.cols)
-                keep = r.hard_keep(counts)
-                current[name] = weights[name] * keep
-                n_pruned = int((~keep).sum())
-                linear_rates[name] = n_pruned / r.numel
-                pruned += n_pruned
-        del rates, params
-        acts.hidden = forward_block(block, acts, batch_size, device)
+        del rates
+        # The masked block's output feeds the next block.
+        acts.hidden = forward_block(block, acts, batch_size, device, layer=layer)
     current.clear()
     weights.clear()
 

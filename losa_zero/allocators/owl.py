@@ -75,7 +75,7 @@ def owl_outlier_ratios(model: nn.Module, acts: Activations, runtime: Runtime, ba
     for l in runtime.progress(range(len(layers)), desc="owl", unit="block"):
         block = layers[l]
         with runtime.gathered(block):
-            stats = collect_input_stats(block, wanda, acts, runtime, batch_size)
+            stats = collect_input_stats(block, wanda, acts, runtime, batch_size, layer=l)
             linears = layer_linears(block)
             weights = {name: effective_weight(lin, runtime) for name, lin in linears.items()}
             norms = {name: stats[name].column_norms() for name in linears}
@@ -83,7 +83,7 @@ def owl_outlier_ratios(model: nn.Module, acts: Activations, runtime: Runtime, ba
                      for name, lin in linears.items()}
             ratios.append(layer_outlier_ratio(weights, norms, m, keeps))
             del weights, stats
-            acts.hidden = forward_block(block, acts, batch_size, runtime.device)
+            acts.hidden = forward_block(block, acts, batch_size, runtime.device, layer=l)
     return ratios
 
 

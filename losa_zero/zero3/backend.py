@@ -109,7 +109,7 @@ class ZeroBackend:
                           f"DeepSpeed config {self.ds_path}; rank 0 on {self.env.device_note}")
 
     def load_model(self) -> tuple[nn.Module, object]:
-        return load_model(self.cfg.model, dtype=self.cfg.dtype)  # partitioned by zero.Init as it loads
+        return load_model(self.cfg.model, dtype=self.cfg.dtype, attn_implementation=self.cfg.attn_implementation)  # partitioned by zero.Init as it loads
 
     # -- LoSA ---------------------------------------------------------------------------------
     def metrics_path(self, out_dir: Path) -> Path | None:

@@ -7,7 +7,7 @@ knows that weights are partitioned:
   each rank's slice of every weight that was changed into its own shard (DeepSpeed's
   ``partition(has_been_updated=True)``, which also handles CPU/NVMe offload) and frees
   the rest: no broadcast, every rank holds the same new weight;
-- ``map_linears`` shares the pruning of a block's 7 linears out between ranks and
+- ``map_linears`` shares the pruning of a block's target linears out between ranks and
   broadcasts each result (weight, packed mask) from the rank that computed it;
 - calibration sequences are split across ranks in whole batches, in order, so each rank's
   block forwards are exactly the single-process ones for its sequences; statistics are
