@@ -84,8 +84,8 @@ machine) every GPU term above is host memory too.
 bytes per parameter and its masks (one bool per target weight) stay on the GPU, the fp32
 adapters carry fp32 gradients and the optimizer state (no separate master copy), there is
 no block to gather, the calibration buffers hold all sequences, and the dense targets D_l
-are kept where the run keeps them, on the GPU (``--dense-targets host`` shows the cost on
-the host instead). The host holds the whole model once while it loads.
+are kept where the run keeps them, in host memory (``--dense-targets gpu`` shows the cost
+of keeping them on the GPU instead). The host holds the whole model once while it loads.
 
 Exit codes: 0 fits, 3 does not fit (the table says by how much), 2 bad input (also an
 unsupported architecture, and a non-finite or non-positive memory size).
@@ -295,7 +295,7 @@ class PlanInputs:
     attention: str | None = None         # flash (SDPA flash / memory-efficient kernels) | math (seq^2 kept);
                                          # None: what the architecture's default kernel does (eager: math)
     dense_targets: str | None = None     # None: where the run keeps them (ZeRO-3: disk; one process: the
-                                         # compute device) | disk | host | gpu (what-if)
+                                         # host) | disk | host | gpu (what-if)
     single_process: bool = False         # ``losa-zero losa`` on one GPU instead of ``losa-zero train``
     prefetch_bucket: float | None = None  # params; None: DeepSpeed "auto" = 0.9 hidden^2
     nvme_buffer_count: int = 5
@@ -310,7 +310,7 @@ class PlanInputs:
     def dense_targets_at(self) -> str:
         if self.dense_targets is not None:
             return self.dense_targets
-        return "gpu" if self.single_process else "disk"
+        return "host" if self.single_process else "disk"
 
 
 def split_share(n: int, world: int, unit: int) -> int:

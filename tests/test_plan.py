@@ -277,11 +277,11 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
 
 def test_single_process_7b_and_13b_on_one_80gb_gpu(tmp_path):
     """``losa-zero losa`` on one GPU: the whole model, bool masks, fp32 LoRA state and the
-    dense targets on the GPU (what the run does) do not fit 7B at 128 x 2048; with the dense
-    targets on the host 7B fits and 13B does not; the terms are the hand-computed ones."""
+    dense targets on the GPU do not fit 7B at 128 x 2048; with the dense targets on the host
+    (what the run does) 7B fits and 13B does not; the terms are the hand-computed ones."""
     common = ["--single-process", "--gpu-memory", "80", "--dtype", "bfloat16", "--optimizer", "adamw",
               "--nsamples", "128", "--seqlen", "2048"]
-    code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common)
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common, "--dense-targets", "gpu")
     s = resolve_model("llama-2-7b")
     assert code == 3 and r["inputs"]["world"] == 1 and "as one process" in text
     g = r["gpu_bytes"]
@@ -292,10 +292,10 @@ def test_single_process_7b_and_13b_on_one_80gb_gpu(tmp_path):
     assert not r["inputs"]["gradient_checkpointing"]        # losa-zero losa keeps every layer's activations
     assert g["finetune_activations"] == 2.0 * 1024 * 32 * s.saved_per_token_layer(2)
     assert any("activation checkpointing off" in n and "(on: " in n for n in r["notes"])
-    code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common, "--dense-targets", "host")
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common)
     assert code == 0 and r["gpu_bytes"]["dense_targets_on_gpu"] == 0
     assert r["host_rank_bytes"]["dense_targets"] == 128 * 2048 * 4096 * 32 * 2
-    code, r, text = run_plan(tmp_path, "--model", "llama-2-13b", *common, "--dense-targets", "host")
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-13b", *common)
     assert code == 3 and "DOES NOT FIT" in text
 
 
