@@ -148,7 +148,7 @@ def test_prune_and_losa_every_architecture(kind, tiny_dirs, tinystories_split, t
     """SparseGPT at 50% and 2:4, and a two-step LoSA run, on every architecture; each export
     reloads with AutoModelForCausalLM as the same class at the target sparsity."""
     from losa_zero.config import LosaConfig, PruneConfig, build_config
-    from losa_zero.pipeline import run_losa, run_prune
+    from losa_zero.lifecycle import run_losa, run_prune
     from losa_zero.pruners import satisfies_nm
 
     _, train_txt = tinystories_split

@@ -13,7 +13,7 @@ import torch
 
 from losa_zero.errors import LosaZeroError
 from losa_zero.zero3.bits import pack_bits, packed_size, unpack_bits
-from losa_zero.zero3.runtime import balance, split_range
+from losa_zero.zero3.partition import balance, split_range
 
 
 # -- bits and splitting ---------------------------------------------------------------------------

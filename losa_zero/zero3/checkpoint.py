@@ -39,22 +39,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..errors import LosaZeroError
 from ..outputs import write_json_atomic
 
-try:
-    from .. import preemption
-except ImportError:  # pragma: no cover - the shared preemption module is part of the package
-    preemption = None
-from .runtime import is_zero_param, split_range
+from .. import preemption
+from .partition import is_zero_param, split_range
 
 FORMAT = 1
 MARKER = "COMPLETE.json"
@@ -360,7 +355,6 @@ class Checkpointer:
         self.every, self.keep = int(every), int(keep)
         self.last = None  # (weights version, checkpoint path) whose frozen files can be linked
         self.resumed_from: list[str] = []
-        self._stop_requested = False
         self._install_signal_handlers()
 
     # -- preemption ---------------------------------------------------------------------------------
@@ -370,33 +364,19 @@ class Checkpointer:
     # checkpoint is written, rank 0 leaves PREEMPTED.json beside it, and every rank exits 75
     # ("requeue me"; resume=auto continues).
     def _install_signal_handlers(self) -> None:
-        if preemption is not None:
-            preemption.install()
-        else:  # pragma: no cover - preemption module absent
-            def handler(signum, frame):
-                self._stop_requested = True
-
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                with contextlib.suppress(ValueError, OSError):
-                    signal.signal(sig, handler)
+        preemption.install()
 
     def _stop_everywhere(self) -> bool:
-        if preemption is not None:
-            return preemption.should_stop(self.runtime)
-        flag = torch.tensor([1 if self._stop_requested else 0], dtype=torch.int32, device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return preemption.should_stop(self.runtime)
 
     def _stop(self, path: Path) -> None:
         rt = self.runtime
-        if rt.is_main and preemption is not None:
+        if rt.is_main:
             preemption.write_marker(self.dir, checkpoint=path)
         rt.barrier()
         msg = (f"losa-zero: stop requested by a signal: checkpoint {path.name} written; exiting with 75 "
                "(requeue, or relaunch with resume=auto to continue)")
-        if preemption is not None:
-            preemption.exit_for_requeue(msg if rt.is_main else None)
-        raise SystemExit(75)
+        preemption.exit_for_requeue(msg if rt.is_main else None)
 
     # -- events ---------------------------------------------------------------------------------------
     def on_event(self, losa, kind: str) -> None:
@@ -548,8 +528,7 @@ class Checkpointer:
                     if p.requires_grad:
                         self.trainer.set_local_fp32(p, local)
         for name, entry in info.meta["masks"].items():
-            lin = model.get_submodule(name)
-            part = rt.masks._entries[id(lin)].part
+            part = rt.masks.partition_size(name)
             bits = None if entry["dense"] else frozen.local_mask(name, entry["numel"], entry["partition"], part,
                                                                  rt.rank)
             rt.masks.load_local_bits(name, bits)

@@ -75,8 +75,9 @@ class PartitionedMaskStore:
         except KeyError:
             raise RuntimeError("this SparseLoRALinear is not registered with the partitioned mask store") from None
 
-    def names(self) -> list[str]:
-        return list(self._layers)
+    def partition_size(self, name: str) -> int:
+        """Entries of ``name``'s weight in each rank's partition (what a mask shard covers)."""
+        return self._entry(self._layers[name]).part
 
     # -- the SparseLoRALinear.mask_store protocol ------------------------------------------------
     def keep(self, layer: SparseLoRALinear) -> torch.Tensor | None:
@@ -151,17 +152,6 @@ class PartitionedMaskStore:
 
     def local_state(self) -> dict[str, torch.Tensor | None]:
         return {e.name: (None if e.shard is None else e.shard.detach().cpu().clone()) for e in self._entries.values()}
-
-    def load_local_shard(self, name: str, shard: torch.Tensor | None) -> None:
-        """Install this rank's packed shard of ``name`` (same partition layout as saved)."""
-        e = self._entries[id(self._layers[name])]
-        if shard is None:
-            e.shard = e.full = None
-            return
-        if shard.numel() != packed_size(e.part):
-            raise ValueError(f"mask shard of {name} has {shard.numel()} bytes, expected {packed_size(e.part)}")
-        e.shard = shard.to(device=self.store_device, dtype=torch.uint8).clone()
-        e.full = None
 
     def load_local_bits(self, name: str, local: torch.Tensor | None) -> None:
         """Install this rank's slice of ``name``'s mask given as bools (P entries, re-sharded)."""

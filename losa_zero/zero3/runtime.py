@@ -33,31 +33,9 @@ from torch import nn
 from ..lora import SparseLoRALinear
 from ..runtime import Runtime
 from .bits import pack_bits, packed_size
+from .checkpoint import write_activation
 from .masks import PartitionedMaskStore
-
-
-def split_range(n_items: int, world_size: int, rank: int, unit: int = 1) -> tuple[int, int]:
-    """[start, end) of the items rank ``rank`` holds: contiguous, in whole units of ``unit``
-    items (calibration batches), as even as possible, ranks in order."""
-    units = math.ceil(n_items / unit) if n_items else 0
-    a = (rank * units) // world_size
-    b = ((rank + 1) * units) // world_size
-    return min(a * unit, n_items), min(b * unit, n_items)
-
-
-def balance(sizes: list[int], world_size: int) -> list[int]:
-    """Owner rank of each item: largest first onto the least loaded rank (ties: lower index)."""
-    load = [0] * world_size
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += sizes[i]
-    return owner
-
-
-def is_zero_param(p) -> bool:
-    return hasattr(p, "ds_id")
+from .partition import balance, is_zero_param, split_range
 
 
 class ZeroRuntime(Runtime):
@@ -147,8 +125,6 @@ class ZeroRuntime(Runtime):
     def keep_activation(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.activation_dir is None:
             return hidden
-        from .checkpoint import write_activation
-
         return write_activation(self.activation_dir, layer, self.rank, hidden)
 
     # -- weights ------------------------------------------------------------------------------
