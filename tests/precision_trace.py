@@ -36,9 +36,10 @@ class MatmulTrace(TorchDispatchMode):
         return out
 
 
-def build_layer(weight_dtype: torch.dtype, dropout: float = 0.0, adapter_init=None):
+def build_layer(weight_dtype: torch.dtype, dropout: float = 0.0, adapter_init=None, holder: nn.ModuleDict | None = None):
     """A wrapped bf16/fp32 linear and its mask; the factors are created inside
-    ``adapter_init`` (a runtime's context) when given."""
+    ``adapter_init`` (a runtime's context) when given, and the layer is put into ``holder``
+    there (the model that context registers the masks of)."""
     import contextlib
 
     from losa_zero.lora import wrap_linear
@@ -51,6 +52,8 @@ def build_layer(weight_dtype: torch.dtype, dropout: float = 0.0, adapter_init=No
     lin = lin.to(weight_dtype)
     with adapter_init if adapter_init is not None else contextlib.nullcontext():
         layer = wrap_linear(lin, MAX_RANK, 2.0, dropout=dropout, init_seed=3)
+        if holder is not None:
+            holder["layer"] = layer
     return layer, keep
 
 
@@ -80,7 +83,8 @@ def zero3_worker() -> None:
     ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     runtime = ZeroRuntime("cpu", ds, calib_batch_size=1)
-    layer, keep = build_layer(torch.bfloat16, adapter_init=runtime.adapter_init())
+    holder = nn.ModuleDict()
+    layer, keep = build_layer(torch.bfloat16, adapter_init=runtime.adapter_init(holder), holder=holder)
     assert hasattr(layer.lora_A, "ds_id"), "the factors were not partitioned by zero.Init"
     with runtime.gathered(layer):
         products = run_traced(layer, keep, torch.bfloat16)
