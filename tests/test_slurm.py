@@ -220,7 +220,7 @@ def test_a_run_that_cannot_fit_stops_with_the_planners_numbers(cluster, setup):
     shape = tmp / "llama-2-70b"
     shape.mkdir(exist_ok=True)
     (shape / "config.json").write_text(json.dumps({
-        "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
         "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096}))
     env = {k: v for k, v in setup["env"].items() if k not in ("DS_CONFIG", "RECIPE")}
     env.update(MODEL=str(shape), DEVICE="gpu", NPROC_PER_NODE="1", GPU_MEMORY_GB="80", HOST_MEMORY_GB="25")
