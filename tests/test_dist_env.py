@@ -114,8 +114,9 @@ def test_init_sets_the_device_before_the_process_group(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    for k in LAUNCH_KEYS:
-        monkeypatch.delenv(k, raising=False)
+    for k in LAUNCH_KEYS:  # set, then delete: teardown then also removes what init_distributed writes
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     for k, v in {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "MASTER_ADDR": "n0",
                  "MASTER_PORT": "29500", "CUDA_VISIBLE_DEVICES": "3"}.items():
         monkeypatch.setenv(k, v)
