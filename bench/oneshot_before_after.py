@@ -75,7 +75,7 @@ def main() -> None:
     trees = {"this tree": REPO, args.baseline: base_tree}
     fixture_dir, _ = prepare_data(work, args.data)
     tok = load_tokenizer(fixture_dir)
-    rows, same_rows = [], []
+    rows = []
     t_begin = time.perf_counter()
     for model_name in [m.strip() for m in args.model.split(",") if m.strip()]:
         s = SETTINGS[model_name]

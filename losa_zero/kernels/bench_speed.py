@@ -172,8 +172,8 @@ def format_linear_table(rows: list[LinearTiming], dtype_name: str) -> str:
 
 
 def format_generation_table(gens: list[dict], prompt_len: int, new_tokens: int) -> str:
-    lines = [f"| batch | dense tok/s | sparse tok/s | speedup | dense decode tok/s | sparse decode tok/s | "
-             f"decode speedup | same tokens |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | dense tok/s | sparse tok/s | speedup | dense decode tok/s | sparse decode tok/s | "
+             "decode speedup | same tokens |", "|---|---|---|---|---|---|---|---|"]
     for g in gens:
         d, s = g["dense"], g["sparse"]
         lines.append(f"| {g['batch']} | {d['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
