@@ -18,6 +18,7 @@ from torch import nn
 
 from .finetune import LocalTrainer
 from .modeling import load_model, save_model
+from .shards import parse_size
 from .runtime import Runtime, resolve_device
 
 
@@ -57,10 +58,16 @@ class LocalBackend:
         """Context in which the model can be called for evaluation."""
         return contextlib.nullcontext()
 
-    def export(self, model: nn.Module, tokenizer, out_dir: Path) -> dict | None:
-        """Write the model as an ordinary Hugging Face folder into ``out_dir``."""
-        save_model(model, tokenizer, out_dir)
-        return None
+    def export(self, model: nn.Module, tokenizer, out_dir: Path, compressor=None) -> dict | None:
+        """Write the model as an ordinary Hugging Face folder into ``out_dir``; with a
+        ``compressor``, through the same shard writer as the ZeRO-3 export (which stores the
+        pruned linears compressed)."""
+        if compressor is None:
+            save_model(model, tokenizer, out_dir, max_shard_size=self.cfg.export_shard_size)
+            return None
+        from .zero3.export import export_model
+
+        return export_model(model, tokenizer, out_dir, self.runtime, parse_size(self.cfg.export_shard_size), compressor)
 
     def summary_extras(self, export: dict | None) -> dict:
         """Fields this kind of run adds to the common summary."""

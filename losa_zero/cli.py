@@ -7,47 +7,16 @@ print one line and exit with code 2; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from .config import EvalConfig, LosaConfig, PruneConfig, build_config, load_yaml
+from .config import EvalConfig, LosaConfig, PruneConfig, add_config_flags, config_from_args
 from .errors import LosaZeroError
 
 log = logging.getLogger("losa_zero")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field; defaults are suppressed so only given flags override
-    the YAML recipe and the dataclass defaults."""
-    parser.add_argument("--config", help="YAML recipe setting any of these options (flags override it)")
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.get("help", "")}
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if f.type in ("bool", bool) or isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        if default not in (None, False, dataclasses.MISSING) and not meta.get("required"):
-            kwargs["help"] += f" (default: {default})"
-        parser.add_argument(_flag(f.name), **kwargs)
-
-
-def _config_from_args(cls, args: argparse.Namespace):
-    layers = []
-    if getattr(args, "config", None):
-        layers.append(load_yaml(args.config))
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    layers.append(given)
-    return build_config(cls, *layers)
 
 
 def _command_line(argv: list[str]) -> str:
@@ -65,14 +34,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .lifecycle import run_prune
 
-    run_prune(_config_from_args(PruneConfig, args), command=args.command_line)
+    run_prune(config_from_args(PruneConfig, args), command=args.command_line)
     return 0
 
 
 def cmd_losa(args: argparse.Namespace) -> int:
     from .lifecycle import run_losa
 
-    run_losa(_config_from_args(LosaConfig, args), command=args.command_line)
+    run_losa(config_from_args(LosaConfig, args), command=args.command_line)
     return 0
 
 
@@ -91,7 +60,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval_command import run_eval
 
-    run_eval(_config_from_args(EvalConfig, args))
+    run_eval(config_from_args(EvalConfig, args))
     return 0
 
 
@@ -129,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("prune", help="one-shot magnitude / Wanda / SparseGPT pruning, unstructured or N:M")
-    _add_config_flags(p, PruneConfig)
+    add_config_flags(p, PruneConfig)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("losa", help="LoSA: progressive pruning with sparse LoRA fine-tuning between steps")
-    _add_config_flags(p, LosaConfig)
+    add_config_flags(p, LosaConfig)
     p.set_defaults(func=cmd_losa)
 
     p = sub.add_parser("train", help="LoSA under DeepSpeed ZeRO-3 on every rank that launched it (a YAML run config)")
@@ -154,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model directory")
-    _add_config_flags(p, EvalConfig)
+    add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="PNG plots and a Markdown report comparing run directories")

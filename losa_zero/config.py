@@ -8,6 +8,7 @@ unless a field's help says otherwise.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,10 +20,13 @@ from .errors import LosaZeroError
 from .allocators import ALLOCATORS, mixed_nm_allocators
 from .modeling import DTYPES
 from .pruners import PRUNERS
+from .shards import parse_size
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False):
-    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False, **flag):
+    """A config field; ``flag`` holds extra command-line behaviour (``const``: the value of
+    the flag given without one)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required, **flag})
 
 
 def check_fields(cfg) -> None:
@@ -82,6 +86,10 @@ class CommonConfig:
     eval_seqlen: int | None = opt(None, "perplexity window length (default: min(the model's context length, 4096))")
     eval_batch_size: int = opt(4, "perplexity windows per forward")
     overwrite: bool = opt(False, "replace an existing output directory")
+    save_format: str = opt("dense", "exported weights: dense safetensors, or compressed (the compressed-tensors "
+                           "sparse-bitmask format; sparse-24-bitmask when every pruned linear is 2:4)",
+                           ("dense", "compressed"))
+    export_shard_size: str = opt("5GB", "largest safetensors file of the exported model")
 
     def make_pruner(self, name: str):
         """The pruner ``name`` built with the options of this config that it takes."""
@@ -103,6 +111,7 @@ class CommonConfig:
             raise LosaZeroError(f"--owl-m must be > 0 and --owl-lambda in [0, 1) (got {self.owl_m}, {self.owl_lambda})")
         if not 0 <= self.percdamp < 1:
             raise LosaZeroError(f"--percdamp must be in [0, 1) (got {self.percdamp})")
+        parse_size(self.export_shard_size)
         check_model_dir(self.model)
         return self
 
@@ -227,6 +236,35 @@ class EvalConfig:
         return self
 
 
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field; defaults are suppressed so only given flags override
+    the YAML recipe and the dataclass defaults."""
+    parser.add_argument("--config", help="YAML recipe setting any of these options (flags override it)")
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if "bool" in str(f.type):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        if "const" in meta:  # the flag alone means `const`
+            kwargs.update(nargs="?", const=meta["const"])
+        if default not in (None, False, dataclasses.MISSING) and not meta.get("required"):
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The config ``cls`` from parsed flags over the YAML file of ``--config`` (if any)."""
+    layers = []
+    if getattr(args, "config", None):
+        layers.append(load_yaml(args.config))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    layers.append(given)
+    return build_config(cls, *layers)
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -277,7 +315,7 @@ def _coerce(cfg, f) -> None:
         kind = float
     elif "int" in str(f.type) and "str" not in str(f.type):
         kind = int
-    elif f.type in ("bool", bool):
+    elif "bool" in str(f.type):
         kind = bool
     elif "str" in str(f.type):
         kind = str

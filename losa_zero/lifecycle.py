@@ -24,6 +24,7 @@ from . import __version__
 from .allocation import band_delta, mixed_nm_allocation
 from .allocators import Allocation, get_allocator
 from .backend import LocalBackend
+from .compressed import compressor_for
 from .blockwise import CalibrationInputs, sequential_prune
 from .config import CommonConfig, LosaConfig, PruneConfig
 from .data import PAD_ID, calibration_windows, finetune_examples, load_eval_text, parse_source
@@ -109,9 +110,11 @@ class Lifecycle:
 
     def export(self) -> dict | None:
         """Write the compressed model into the output folder (the one place a new output
-        format plugs in)."""
+        format plugs in): dense safetensors, or with ``save_format: compressed`` the pruned
+        linears in the compressed-tensors sparse format (:mod:`losa_zero.compressed`)."""
         with self.phases.phase("save"):
-            return self.backend.export(self.model, self.tokenizer, self.out_dir)
+            compressor = compressor_for(self.model, self.runtime) if self.cfg.save_format == "compressed" else None
+            return self.backend.export(self.model, self.tokenizer, self.out_dir, compressor)
 
     def record(self) -> dict:
         """The command's own summary fields: method, pruner, allocation, rank_allocation,

@@ -166,7 +166,7 @@ def linear_full_names(model: nn.Module) -> list[str]:
     return [linear_full_name(model, i, name) for i in range(n) for name in names]
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, max_shard_size: str | int = "5GB") -> Path:
     """Save model and tokenizer as safetensors into ``out_dir`` (created if needed).
 
     Safetensors refuses tensors that share storage unless the model declares them tied,
@@ -189,7 +189,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
             head.weight = emb.weight
     import inspect
 
-    kwargs = {}
+    kwargs = {"max_shard_size": max_shard_size}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
     model.save_pretrained(out, **kwargs)

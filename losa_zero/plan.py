@@ -100,6 +100,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .architectures import Architecture, Widths, architecture_of, linear_shapes
+from .config import LosaConfig, add_config_flags, check_fields, config_from_args, load_yaml, opt
 from .errors import LosaZeroError
 
 GB = 1e9
@@ -665,64 +666,79 @@ def _ds_settings(path: str | None) -> dict:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import LosaConfig
+def _run_option(key: str, kind: type):
+    """A plan option that overrides the run config's ``key`` (same name, same choices)."""
+    default = getattr(PlanInputs(), key)
+    shown = default if default is not None else "min(2048, context)"
+    choices = LosaConfig.__dataclass_fields__[key].metadata.get("choices") if kind is str else None
+    return opt(None, f"as in the run config (default: {shown})", choices)
 
+
+@dataclass
+class PlanConfig:
+    """``losa-zero plan``: the cluster, the run's settings that size its memory, the output."""
+
+    model: str | None = opt(None, f"known name ({', '.join(KNOWN_MODELS)}), a HF config.json, or a model directory",
+                            required=True)
+    nodes: int = opt(1, "nodes")
+    gpus_per_node: int | None = opt(None, "ranks per node (GPUs; CPU processes with --device cpu; default 8, 1 with "
+                                          "--single-process)")
+    single_process: bool = opt(False, "plan losa-zero losa on one GPU (whole model on the GPU, no ZeRO-3) instead "
+                                      "of losa-zero train")
+    gpu_memory: float = opt(80.0, "GB per GPU (A100 80GB)")
+    host_memory: float | None = opt(None, "GB of host memory per node (unchecked if absent)")
+    offload: str | None = opt(None, "parameter offload (default: what --deepspeed says, else none); auto = the "
+                                    "first of none, cpu, nvme that fits", ("none", "cpu", "nvme", "auto"))
+    offload_optimizer: bool | None = opt(None, "optimizer state on the host (default: with parameter offload)")
+    device: str = opt("gpu", "cpu: a CPU-only run (ranks are processes)", ("gpu", "cpu"))
+    attention: str | None = opt(None, "flash: SDPA flash/memory-efficient attention (no seq^2 activations); math: "
+                                      "eager or math SDPA (default: what the run's attn_implementation, else the "
+                                      "architecture's default, does)", ("flash", "math"))
+    dense_targets: str | None = opt(None, "where the dense reconstruction targets live (default: where the run "
+                                          "keeps them, disk under ZeRO-3 and the host with --single-process; the "
+                                          "others: what-if)", ("disk", "host", "gpu"))
+    run_config: str | None = opt(None, "a losa-zero train run config (YAML): its nsamples, seqlen, batch sizes, "
+                                       "max_length, lora_max_rank, optimizer, pruner, dtype, gradient_checkpointing "
+                                       "and deepspeed are used unless given here")
+    deepspeed: str | None = opt(None, "DeepSpeed config (offload, buckets)")
+    nsamples: int | None = _run_option("nsamples", int)
+    seqlen: int | None = _run_option("seqlen", int)
+    calib_batch_size: int | None = _run_option("calib_batch_size", int)
+    cka_nsamples: int | None = _run_option("cka_nsamples", int)
+    micro_batch_size: int | None = _run_option("micro_batch_size", int)
+    batch_size: int | None = _run_option("batch_size", int)
+    max_length: int | None = _run_option("max_length", int)
+    lora_max_rank: int | None = _run_option("lora_max_rank", int)
+    optimizer: str | None = _run_option("optimizer", str)
+    pruner: str | None = _run_option("pruner", str)
+    dtype: str | None = _run_option("dtype", str)
+    gradient_checkpointing: bool | None = opt(None, "recompute activations in backward (default: on under ZeRO-3 "
+                                                    "as the run config's default, off with --single-process)")
+    json: str | None = opt(None, "write the plan as JSON to FILE (or, without FILE, print JSON instead of the "
+                                 "table)", const="-")
+
+    def validate(self) -> "PlanConfig":
+        check_fields(self)
+        if self.nodes < 1 or (self.gpus_per_node is not None and self.gpus_per_node < 1):
+            raise LosaZeroError("--nodes and --gpus-per-node must be >= 1")
+        return self
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="losa-zero plan",
         description="Per-GPU and per-node memory of a LoSA run under ZeRO-3 (losa-zero train) or on one GPU "
                     "(--single-process: losa-zero losa), and whether it fits. "
                     "Exit 0: fits; 3: does not fit; 2: bad input. 1 GB = 1e9 bytes.")
-    p.add_argument("--model", required=True,
-                   help=f"known name ({', '.join(KNOWN_MODELS)}), a HF config.json, or a model directory")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="ranks per node (GPUs; CPU processes with --device cpu; default 8, 1 with --single-process)")
-    p.add_argument("--single-process", action="store_true",
-                   help="plan losa-zero losa on one GPU (whole model on the GPU, no ZeRO-3) instead of losa-zero train")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80: A100 80GB)")
-    p.add_argument("--host-memory", type=float, default=None, help="GB of host memory per node (unchecked if absent)")
-    p.add_argument("--offload", default=None, choices=("none", "cpu", "nvme", "auto"),
-                   help="parameter offload (default: what --deepspeed says, else none); auto = the first of "
-                        "none, cpu, nvme that fits")
-    p.add_argument("--offload-optimizer", default=None, action=argparse.BooleanOptionalAction,
-                   help="optimizer state on the host (default: with parameter offload)")
-    p.add_argument("--device", default="gpu", choices=("gpu", "cpu"), help="cpu: a CPU-only run (ranks are processes)")
-    p.add_argument("--attention", default=None, choices=("flash", "math"),
-                   help="flash: SDPA flash/memory-efficient attention (no seq^2 activations); math: eager or math SDPA "
-                        "(default: what the run's attn_implementation, else the architecture's default, does)")
-    p.add_argument("--dense-targets", default=None, choices=("disk", "host", "gpu"),
-                   help="where the dense reconstruction targets live (default: where the run keeps them, disk "
-                        "under ZeRO-3 and the GPU with --single-process; the others: what-if)")
-    p.add_argument("--run-config", default=None, help="a losa-zero train run config (YAML): its nsamples, seqlen, "
-                   "batch sizes, max_length, lora_max_rank, optimizer, pruner, dtype, gradient_checkpointing and "
-                   "deepspeed are used unless given here")
-    p.add_argument("--deepspeed", default=None, help="DeepSpeed config (offload, buckets)")
-    d = PlanInputs()
-    for key in RUN_CONFIG_KEYS:
-        flag = "--" + key.replace("_", "-")
-        default = getattr(d, key)
-        if isinstance(default, bool):
-            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction,
-                           help=f"(default: {default})")
-        else:
-            kind = int if key not in ("optimizer", "pruner", "dtype") else str
-            # the same choices as the run config (LosaConfig), read from the registries
-            choices = LosaConfig.__dataclass_fields__[key].metadata.get("choices") if kind is str else None
-            p.add_argument(flag, type=kind, default=None, choices=choices,
-                           help=f"(default: {default if default is not None else 'min(2048, context)'})")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                   help="write the plan as JSON to FILE (or, without FILE, print JSON instead of the table)")
+    add_config_flags(p, PlanConfig)
     return p
 
 
-def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
+def inputs_from_config(cfg: PlanConfig) -> tuple[ModelShape, PlanInputs]:
     values: dict = {}
-    ds_path = args.deepspeed
-    if args.run_config:
-        from .config import load_yaml
-
-        rc = load_yaml(args.run_config)
+    ds_path = cfg.deepspeed
+    if cfg.run_config:
+        rc = load_yaml(cfg.run_config)
         for key in RUN_CONFIG_KEYS:
             if rc.get(key) is not None:
                 values[key] = rc[key]
@@ -738,23 +754,23 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         if rc.get("micro_batch_size") is None:
             values["micro_batch_size"] = 8  # LosaConfig's default
     values.update(_ds_settings(ds_path))
-    if args.attention is not None:
-        values["attention"] = args.attention
+    if cfg.attention is not None:
+        values["attention"] = cfg.attention
     for key in RUN_CONFIG_KEYS:
-        v = getattr(args, key)
+        v = getattr(cfg, key)
         if v is not None:
             values[key] = v
-    if args.offload is not None:
-        values["offload"] = args.offload
-    if args.offload_optimizer is not None:
-        values["offload_optimizer"] = args.offload_optimizer
-    if args.single_process and args.gradient_checkpointing is None and not args.run_config:
+    if cfg.offload is not None:
+        values["offload"] = cfg.offload
+    if cfg.offload_optimizer is not None:
+        values["offload_optimizer"] = cfg.offload_optimizer
+    if cfg.single_process and cfg.gradient_checkpointing is None and not cfg.run_config:
         values["gradient_checkpointing"] = False  # losa-zero losa's fine-tuning keeps every layer's activations
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else (1 if args.single_process else 8)
-    inp = PlanInputs(nodes=args.nodes, gpus_per_node=gpus, gpu_memory_gb=args.gpu_memory, single_process=args.single_process,
-                     host_memory_gb=args.host_memory, device=args.device, dense_targets=args.dense_targets,
-                     **values)
-    return resolve_model(args.model), inp
+    gpus = cfg.gpus_per_node if cfg.gpus_per_node is not None else (1 if cfg.single_process else 8)
+    inp = PlanInputs(nodes=cfg.nodes, gpus_per_node=gpus, gpu_memory_gb=cfg.gpu_memory,
+                     single_process=cfg.single_process, host_memory_gb=cfg.host_memory, device=cfg.device,
+                     dense_targets=cfg.dense_targets, **values)
+    return resolve_model(cfg.model), inp
 
 
 def main_plan(argv: list[str] | None = None) -> int:
@@ -766,17 +782,18 @@ def main_plan(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
     try:
-        shape, inp = inputs_from_args(args)
+        cfg = config_from_args(PlanConfig, args)
+        shape, inp = inputs_from_config(cfg)
         result = plan(shape, inp)
     except LosaZeroError as e:
         print(f"losa-zero: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if args.json == "-":
+    if cfg.json == "-":
         print(json.dumps(result, indent=1))
     else:
         print(format_plan(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+        if cfg.json:
+            Path(cfg.json).write_text(json.dumps(result, indent=1))
     return EXIT_FITS if result["fits"] else EXIT_DOES_NOT_FIT
 
 

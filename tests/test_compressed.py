@@ -396,3 +396,26 @@ def test_two_ranks_write_the_files_one_process_writes(stories_model_dir, tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     qa, qb = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (out, tmp_path / "one"))
     assert qa == qb
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key,args", [("70%", ["--sparsity", "0.7"]), ("2:4", ["--nm", "2:4"])])
+def test_save_format_compressed_writes_what_compress_writes(pruned_dirs, compressed_dirs, key, args, tmp_path):
+    """``prune --save-format compressed`` gives the files that exporting dense and then running
+    ``losa-zero compress`` gives: the same tensors and the same compression config."""
+    from losa_zero.cli import main
+
+    summary_dense = json.loads((pruned_dirs[key] / "summary.json").read_text())
+    cfg = summary_dense["config"]
+    out = tmp_path / "c"
+    assert main(["-q", "prune", "--model", cfg["model"], "--calib", cfg["calib"], "--nsamples", "4", "--seqlen", "128",
+                 "--method", "magnitude", "--dtype", "bfloat16", "--out", str(out), "--save-format", "compressed",
+                 *args]) == 0
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(compressed_dirs[key] / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    qa, qb = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (out, compressed_dirs[key]))
+    assert qa == qb
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["save_format"] == "compressed"
+    assert summary["achieved_sparsity"] == summary_dense["achieved_sparsity"]

@@ -194,8 +194,10 @@ def test_export_loads_with_plain_transformers(adamw_runs):
 
 @pytest.fixture(scope="module")
 def offload_run(zbase):
-    """The CPU-offload config with the default optimizer (paged 8-bit AdamW), 2 ranks, deepspeed launcher."""
-    cfg, out = _config(zbase, "offload", deepspeed=str(REPO / "ds_configs" / "zero3_offload_cpu.json"))
+    """The CPU-offload config with the default optimizer (paged 8-bit AdamW), 2 ranks, deepspeed
+    launcher, exported in the compressed-tensors format (``save_format: compressed``)."""
+    cfg, out = _config(zbase, "offload", deepspeed=str(REPO / "ds_configs" / "zero3_offload_cpu.json"),
+                       save_format="compressed")
     s = _run_ok(launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "offload.log", out, launcher="deepspeed"))
     return s, out, cfg
 
@@ -208,14 +210,22 @@ def test_offload_config_runs_to_the_end(offload_run):
     assert s["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
     assert len(s["steps"]) == 5 and math.isfinite(s["perplexity"]["eval.txt"]["ppl"])
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert s["export"]["format"] == "sparse-bitmask"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["sparsity_config"]["format"] == "sparse-bitmask"
 
 
 def test_sigkill_after_step2_then_resume_auto_equals_uninterrupted(offload_run, zbase):
     """Paged 8-bit AdamW, CPU offload, 2 ranks: killed with SIGKILL (whole process group)
     right after the first checkpoint of step 3 (one optimizer step in), resumed with
-    resume=auto: the same final model as the uninterrupted run, bit for bit."""
+    resume=auto: the same final model as the uninterrupted run, bit for bit. That run
+    exported compressed and this one dense, so their exports also show the streamed
+    compressed export of ZeRO-3 holding exactly the dense weights."""
+    from losa_zero.modeling import load_model
+
     s_ref, out_ref, _ = offload_run
-    cfg, out = _config(zbase, "killed", deepspeed=str(REPO / "ds_configs" / "zero3_offload_cpu.json"))
+    cfg, out = _config(zbase, "killed", deepspeed=str(REPO / "ds_configs" / "zero3_offload_cpu.json"),
+                       save_format="dense")
     run = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "killed.log", out, hold="saved:ckpt-002-000001")
     run.wait_for("test hold at saved ckpt-002-000001", RUN_TIMEOUT)
     run.kill()
@@ -229,6 +239,10 @@ def test_sigkill_after_step2_then_resume_auto_equals_uninterrupted(offload_run, 
     # the metrics file has exactly one line per optimizer step (none duplicated by the replay)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == sum(st["opt_steps"] for st in s["steps"])
+    compressed, _ = load_model(out_ref, dtype=torch.float32)
+    dense, _ = load_model(out, dtype=torch.float32)
+    a, b = compressed.state_dict(), dense.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_kill_while_writing_checkpoint_resumes_from_previous(adamw_runs, zbase):

@@ -168,10 +168,10 @@ class ZeroBackend:
     def evaluating(self):
         return self.trainer.hooks_active() if self.trainer is not None else contextlib.nullcontext()
 
-    def export(self, model: nn.Module, tokenizer, out_dir: Path) -> dict:
+    def export(self, model: nn.Module, tokenizer, out_dir: Path, compressor=None) -> dict:
         from .export import export_model
 
-        exported = export_model(model, tokenizer, out_dir, self.runtime, self.max_shard)
+        exported = export_model(model, tokenizer, out_dir, self.runtime, self.max_shard, compressor)
         metrics = self.ckpt_dir / "metrics.jsonl"
         if self.runtime.is_main and metrics.exists():
             shutil.copyfile(metrics, out_dir / "metrics.jsonl")
