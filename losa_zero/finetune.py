@@ -85,6 +85,30 @@ def micro_seed(seed: int, losa_step: int, opt_step: int, micro: int) -> int:
     return ((int(seed) * 1_000_003 + int(losa_step)) * 1_000_033 + int(opt_step)) * 1_009 + int(micro)
 
 
+@torch.no_grad()
+def grad_sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of ``grads`` in float64, in chunks (no float64 copy of a large
+    gradient): the same value however the gradient is split into tensors, partitions or
+    ranks, which is what makes clipping the same on one process and on any ZeRO-3 world."""
+    dev = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for g in grads:
+        flat = g.reshape(-1)
+        for a in range(0, flat.numel(), 1 << 24):
+            sq += flat[a:a + (1 << 24)].to(torch.float64).square().sum()
+    return sq
+
+
+@torch.no_grad()
+def clip_to_norm(grads: list[torch.Tensor], norm: float, max_norm: float) -> None:
+    """Scale ``grads`` by max_norm / (norm + 1e-6) when that is below 1 (the formula of
+    ``torch.nn.utils.clip_grad_norm_``), with the norm from :func:`grad_sum_of_squares`."""
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+
+
 class LocalTrainer:
     """Adapter training on one process: a torch / bitsandbytes optimizer over ``lora_A`` /
     ``lora_B``. :func:`train_adapters` drives any object with these methods; the ZeRO-3
@@ -130,7 +154,9 @@ class LocalTrainer:
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.max_grad_norm > 0:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            clip_to_norm(grads, math.sqrt(float(grad_sum_of_squares(grads))), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

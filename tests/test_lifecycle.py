@@ -5,9 +5,14 @@ standard of the 1-rank vs 2-rank test) and the same summary, field for field; th
 schema is the same for ``prune`` too. All are real command-line runs on the stories260K
 fixture with a tiny budget.
 
-Not yet bit-identical: after the first optimizer step with a non-zero learning rate the
-lora_B factors differ by about 1e-7 between the two (lora_A, the base weights and every
-mask are equal), so the merged weights and the perplexity differ at that level."""
+Not bit-identical, by a float rounding the run cannot control. Traced gradient by
+gradient: the last layer's MLP gradients are equal bit for bit; the first one that is a
+sum of several contributions (o_proj's, fed by the residual stream and by gate_proj's and
+up_proj's input gradients) differs in its last bits, because DeepSpeed's ZeRO-3 module
+hooks add autograd nodes around every module, which changes where autograd adds them up.
+After the first optimizer step lora_B differs by about 1e-7. (Gradient clipping is one
+function for both trainers, so it adds nothing.)"""
+
 from __future__ import annotations
 
 import json

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LosaZeroError
-from ..finetune import adapter_parameters
+from ..finetune import adapter_parameters, clip_to_norm, grad_sum_of_squares
 from ..optimizers import choose_optimizer, make_optimizer
 
 log = logging.getLogger("losa_zero")
@@ -82,15 +82,12 @@ class ExactClipOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         return self.inner.add_param_group(param_group)
 
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
     @torch.no_grad()
     def global_norm(self) -> float:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        dev = grads[0].device if grads else torch.device("cpu")
-        sq = torch.zeros((), dtype=torch.float64, device=dev)
-        for g in grads:
-            flat = g.reshape(-1)
-            for a in range(0, flat.numel(), 1 << 24):
-                sq += flat[a:a + (1 << 24)].to(torch.float64).square().sum()
+        sq = grad_sum_of_squares(self._grads())
         if dist.is_initialized():
             comm = sq.to(self._comm_device())
             dist.all_reduce(comm, group=self.group)
@@ -106,14 +103,8 @@ class ExactClipOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         if self.max_norm > 0:
-            norm = self.global_norm()
-            self.last_norm = norm
-            coef = self.max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
-            if coef < 1.0:
-                for g in self.param_groups:
-                    for p in g["params"]:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
+            self.last_norm = self.global_norm()
+            clip_to_norm(self._grads(), self.last_norm, self.max_norm)
         return self.inner.step(closure)
 
 
