@@ -300,3 +300,39 @@ def test_sigusr1_on_one_rank_checkpoints_exits_75_and_resumes(adamw_runs, zbase)
     assert s["resumed_from"] == [Path(marker["checkpoint"]).name]
     assert not (ckdir / "PREEMPTED.json").exists()
     _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
+
+
+def test_checkpoints_share_no_file(adamw_runs):
+    """Two checkpoints of the same weights (a mid-step one and the step end after it) each
+    hold their own copy: a hard-linked file would be one damaged file for both."""
+    _, out = adamw_runs["w2"]
+    ckdir = Path(f"{out}.checkpoints")
+    folders = sorted(p for p in ckdir.glob("ckpt-*") if p.is_dir())
+    assert len(folders) >= 2, folders
+    files = [f for p in folders for f in p.iterdir()]
+    assert files and all(f.stat().st_nlink == 1 for f in files), [f for f in files if f.stat().st_nlink > 1]
+
+
+def test_damaged_checkpoint_and_dense_targets_resume_from_previous(adamw_runs, zbase):
+    """One byte changed in the newest checkpoint (same size) and in a dense-targets file:
+    the resume warns naming both files, takes the previous checkpoint, computes the dense
+    targets again, and ends with the uninterrupted model."""
+    import shutil
+
+    _, out_ref = adamw_runs["w2"]
+    ckdir = zbase["tmp"] / "damaged.checkpoints"
+    shutil.copytree(Path(f"{out_ref}.checkpoints"), ckdir)
+    newest = ckdir / "ckpt-005-000000"
+    previous = max(p.name for p in ckdir.glob("ckpt-004-*"))
+    for f in (newest / "frozen.rank00001.pt", ckdir / "dense_targets" / "layer0002.rank00000.pt"):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+    cfg, out = _config(zbase, "damaged", optimizer="adamw", lora_dropout=0.0, checkpoint_dir=str(ckdir))
+    resumed = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "damaged.log", out)
+    s = _run_ok(resumed)
+    log = resumed.text()
+    assert "ckpt-005-000000 is damaged (frozen.rank00001.pt: checksum mismatch" in log, log[-4000:]
+    assert "layer0002.rank00000.pt is damaged" in log and "computing them again" in log
+    assert s["resumed_from"] == [previous]
+    _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))

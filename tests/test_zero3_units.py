@@ -156,15 +156,15 @@ def test_detect_launchers(monkeypatch):
 def _fake_checkpoint(root: Path, step: int, opt: int, world: int, complete=True, pending=False, fp=None):
     from losa_zero.outputs import write_json_atomic
     from losa_zero.zero3.checkpoint import FORMAT, MARKER, tag_of
+    from losa_zero.zero3.integrity import file_record, save_atomic
 
     p = root / tag_of(step, opt)
     p.mkdir(parents=True)
     files = {}
     for r in range(world):
-        (p / f"train.rank{r:05d}.pt").write_bytes(b"x" * (10 + r))
-        files[f"train.rank{r:05d}.pt"] = 10 + r
+        files[f"train.rank{r:05d}.pt"] = save_atomic({"x": torch.arange(10 + r + step)}, p / f"train.rank{r:05d}.pt")
     meta = {"losa_state": {"pending": {"train": {"opt_step": opt}} if pending else None}, "fingerprint": fp or {}}
-    files["meta.json"] = write_json_atomic(p / "meta.json", meta).stat().st_size
+    files["meta.json"] = file_record(write_json_atomic(p / "meta.json", meta))
     if complete:
         write_json_atomic(p / MARKER, {"format": FORMAT, "key": [step, opt], "world_size": world, "files": files})
     return p

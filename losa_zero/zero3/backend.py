@@ -9,7 +9,8 @@ what differs, in the order a run meets it:
    transformers (``HfDeepSpeedConfig``) *before* the model is built, so ``from_pretrained``
    creates every parameter partitioned (``zero.Init``): no rank ever holds the whole model;
 3. a fresh run writes LoSA's dense targets into the checkpoint folder as it computes them;
-   a resumed one reads them back (memory-mapped, at any world size);
+   a resumed one checks their checksums and reads them back (memory-mapped, at any world
+   size), or computes them again when a file is damaged;
 4. the DeepSpeed engine is built once the sparse-LoRA factors exist, then the newest
    complete checkpoint (if any) is restored; LoSA's events write checkpoints;
 5. evaluation runs with DeepSpeed's module hooks on; the export is streamed one layer at a
@@ -47,25 +48,6 @@ def resolve_ds_config_path(spec: str, config_file: str | None = None) -> Path:
     raise LosaZeroError(f"DeepSpeed config {spec} not found: pass deepspeed=ds_configs/zero3.json (or another file)")
 
 
-def same_choice_everywhere(info, runtime):
-    """Rank 0's choice of checkpoint, on every rank (a shared filesystem may show ranks
-    different things for a moment; they must not restore different checkpoints)."""
-    from .checkpoint import read_complete
-
-    if runtime.world_size == 1:
-        return info
-    chosen = runtime.all_gather_object(str(info.path) if info is not None else None)[0]
-    if chosen is None:
-        return None
-    if info is not None and str(info.path) == chosen:
-        return info
-    info = read_complete(Path(chosen))
-    if info is None:
-        raise LosaZeroError(f"rank {runtime.rank} cannot read checkpoint {chosen} that rank 0 chose: "
-                            "checkpoint_dir must be on a filesystem shared by all ranks")
-    return info
-
-
 class ZeroBackend:
     """One rank of a ZeRO-3 run (see the module docstring)."""
 
@@ -99,7 +81,9 @@ class ZeroBackend:
         self.runtime = ZeroRuntime(self.env.device, ds_config, cfg.calib_batch_size,
                                    mask_device="cpu" if offloads_params(ds_config) else None,
                                    activation_dir=self.ckpt_dir / "dense_targets")
-        info = same_choice_everywhere(resolve_resume(cfg.resume, self.ckpt_dir), self.runtime)
+        # before any heavy work: a bad or damaged resume fails at once (checksums verified by
+        # all ranks, a share each; rank 0's listing decides, so all restore the same one)
+        info = resolve_resume(cfg.resume, self.ckpt_dir, self.runtime)
         if info is not None:
             check_resumable(info, cfg, self.env.world_size)
         self.resume_from = info
@@ -132,18 +116,19 @@ class ZeroBackend:
 
     def dense_targets(self, compute: Callable[[], list[torch.Tensor]], n_layers: int, n: int) -> list[torch.Tensor]:
         """A fresh run computes them (the runtime writes each layer's into the checkpoint
-        folder, then rank 0 writes the manifest); a resumed one reads them back."""
-        from .checkpoint import load_activations, write_activation_manifest
+        folder, then rank 0 writes the manifest with every file's checksum); a resumed one
+        reads them back, after checking them: damaged ones are computed again, exactly as a
+        fresh run computes them (the dense model is what is loaded now; the checkpoint is
+        restored later)."""
+        from . import dense_targets
 
         rt = self.runtime
         directory = rt.activation_dir
-        if self.resume_from is not None:
-            return load_activations(directory, rt, n_layers, n)
-        if rt.is_main and directory.exists():
-            shutil.rmtree(directory)
-        rt.barrier()
+        if self.resume_from is not None and dense_targets.intact(directory, rt, n_layers, n):
+            return dense_targets.load(directory, rt, n_layers, n)
+        dense_targets.clear(directory, rt)
         targets = compute()
-        write_activation_manifest(directory, rt, n_layers, n)
+        dense_targets.write_manifest(directory, rt, n_layers, n)
         return targets
 
     def adapter_trainer(self, model: nn.Module):

@@ -1,10 +1,8 @@
-"""Crash-safe, world-size-independent checkpoints of a ZeRO-3 LoSA run.
+"""Crash-safe, verified, world-size-independent checkpoints of a ZeRO-3 LoSA run.
 
 Layout of ``checkpoint_dir``::
 
-    dense_targets/            LoSA's dense reconstruction targets D_l, written once
-        layer0003.rank00001.pt    (this rank's calibration sequences of layer 3)
-        manifest.json             which sequences each file holds; written last
+    dense_targets/            LoSA's dense reconstruction targets D_l (dense_targets.py)
     metrics.jsonl             one line per optimizer step (truncated to the checkpoint on resume)
     ckpt-002-000000/          "2 LoSA steps done, 0 optimizer steps into step 3"
         frozen.rank00000.pt       this rank's shard of every frozen weight + its mask bits
@@ -12,10 +10,18 @@ Layout of ``checkpoint_dir``::
         meta.json                 LoSA state (step, rates, ranks, importance, data position...),
                                   parameter layout, world size, config fingerprint
         COMPLETE.json             the marker: written atomically by rank 0 after every rank
-                                  finished writing (barrier); lists every file and its size
+                                  finished writing (barrier); lists every file with its size
+                                  and checksum (integrity.py: computed while writing)
 
-A checkpoint without a valid marker (a kill while it was written) is never picked; a
-resumed run that reaches the same tag again deletes the stale folder first.
+A checkpoint without a marker (a kill while it was written) is never picked; a resumed run
+that reaches the same tag again deletes the stale folder first. ``resume: auto`` verifies
+the newest complete checkpoint's checksums (all ranks, a share of the files each) and falls
+back to the previous one, with a warning naming the damaged file, until one is intact; when
+none is, the run stops (exit 2) unless ``resume: auto_or_fresh`` allows starting over.
+
+These files are ours, not DeepSpeed's: the engine's own ``save_checkpoint`` (and its
+checkpoint engine) is never used, because its layout is tied to the world size; every
+shard goes through :func:`~losa_zero.zero3.integrity.save_atomic`.
 
 World-size independence: a rank's shard of a parameter is the flat slice
 [rank * P, (rank + 1) * P) of the tensor (P = DeepSpeed's partition size), and the mask
@@ -26,32 +32,36 @@ an 8-bit optimizer (its quantisation blocks follow the partition): a checkpoint 
 the middle of a LoSA step's fine-tuning resumes only at the same world size, while every
 step-end checkpoint (the optimizer restarts with each step anyway) resumes at any.
 
-Frozen weights and masks only change when a step prunes, so the checkpoints taken during
-one step's fine-tuning (and at its end) hard-link the frozen files of the first one
-instead of writing the model again: a periodic checkpoint costs the LoRA factors and the
-optimizer state only.
+Every checkpoint writes its own copy of the frozen shards, also when the weights did not
+change since the previous one: two checkpoints sharing one (hard-linked) file would be one
+damaged file away from both being lost, so keeping two gives redundancy only this way.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..errors import LosaZeroError
-from ..outputs import write_json_atomic
-
 from .. import preemption
-from .partition import is_zero_param, split_range
+from ..errors import LosaZeroError
+from ..losa import LosaState
+from ..modeling import decoder_layers
+from ..outputs import write_json_atomic
+from .bits import unpack_bits
+from .integrity import file_record, remove_shared, save_atomic, verify_shared
+from .partition import is_zero_param
 
-FORMAT = 1
+log = logging.getLogger("losa_zero")
+
+FORMAT = 2
 MARKER = "COMPLETE.json"
 _TAG = re.compile(r"^ckpt-(\d{3,})-(\d{6,})$")
 
@@ -76,17 +86,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def save_atomic(obj, path: Path) -> int:
-    """torch.save to a temporary name, fsync, rename; returns the file size."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
 
 
 def test_hold(point: str, tag: str) -> None:
@@ -118,20 +117,43 @@ class CheckpointInfo:
         return self.meta["losa_state"].get("pending") is not None
 
 
+def examine(path: Path) -> tuple[CheckpointInfo | None, str | None]:
+    """``(info, None)`` when ``path`` has a readable marker whose files all have their
+    recorded sizes; ``(None, None)`` when it has no marker (incomplete: killed while
+    writing); ``(None, why)`` when the marker is there but it or a file is not right
+    (damaged). Sizes only: :func:`damaged_files` compares the checksums."""
+    marker_path = path / MARKER
+    if not marker_path.exists():
+        return None, None
+    try:
+        marker = json.loads(marker_path.read_text())
+        if marker.get("format") != FORMAT:
+            return None, (f"{MARKER} has format {marker.get('format')!r}, this losa-zero reads {FORMAT} "
+                          "(written by another version)")
+        for name, record in marker["files"].items():
+            try:
+                size = (path / name).stat().st_size
+            except OSError:
+                return None, f"{name} is missing"
+            if size != record["size"]:
+                return None, f"{name} has {size} bytes, {record['size']} recorded"
+        meta = json.loads((path / "meta.json").read_text())
+        marker["key"], marker["world_size"]  # noqa: B018 - both must be present
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"{MARKER} or meta.json unreadable ({type(exc).__name__})"
+    return CheckpointInfo(path, marker, meta), None
+
+
 def read_complete(path: Path) -> CheckpointInfo | None:
     """The checkpoint at ``path`` if its marker is valid and every file it lists is there
     with its recorded size; None otherwise (incomplete or damaged)."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-        if marker.get("format") != FORMAT:
-            return None
-        for name, size in marker["files"].items():
-            if (path / name).stat().st_size != size:
-                return None
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return CheckpointInfo(path, marker, meta)
+    return examine(path)[0]
+
+
+def damaged_files(info: CheckpointInfo, peers) -> dict[str, str]:
+    """``{file: problem}`` of the files of ``info`` whose bytes differ from the checksums in
+    its marker (collective: every rank hashes a share of the files)."""
+    return verify_shared(info.path, info.marker["files"], peers)
 
 
 def list_complete(ckpt_dir: Path) -> list[CheckpointInfo]:
@@ -182,58 +204,82 @@ def check_resumable(info: CheckpointInfo, cfg, world_size: int) -> None:
             f"{info.world_size} ranks, {hint}")
 
 
-def resolve_resume(resume: str, ckpt_dir: Path) -> CheckpointInfo | None:
-    """``resume``: auto (newest complete checkpoint, if any), never, or a checkpoint folder."""
+#: ``resume`` values that pick the newest intact checkpoint of ``checkpoint_dir``
+AUTO = ("auto", "auto_or_fresh")
+
+
+def _tags_newest_first(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders that have a marker (complete or damaged), newest first."""
+    found = []
+    if Path(ckpt_dir).is_dir():
+        for p in Path(ckpt_dir).iterdir():
+            m = _TAG.match(p.name)
+            if m and p.is_dir() and (p / MARKER).exists():
+                found.append(((int(m.group(1)), int(m.group(2))), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _problems(path: Path, peers) -> tuple[CheckpointInfo | None, dict[str, str]]:
+    """The checkpoint at ``path`` and its damaged files (``{}``: intact), agreed by all ranks."""
+    info, why = examine(path)
+    if info is None and why is None:
+        why = "no marker"
+    views = peers.all_gather_object(why if info is None else None)
+    bad = [(r, w) for r, w in enumerate(views) if w]
+    if bad:
+        r, why = bad[0]
+        if len(bad) < len(views):  # some ranks see it whole, others do not
+            why += f" on rank {r} (checkpoint_dir must be on a filesystem shared by all ranks)"
+        return None, {MARKER: why}
+    return info, damaged_files(info, peers)
+
+
+def resolve_resume(resume: str, ckpt_dir: Path, peers) -> CheckpointInfo | None:
+    """The checkpoint this run continues from, verified, the same on every rank (collective).
+
+    ``never``: none. A folder: that checkpoint, refused (exit 2) if incomplete or damaged.
+    ``auto``: the newest intact one; each damaged one is skipped with a warning naming the
+    file; none at all means a fresh start, but when every one is damaged the run stops
+    (exit 2) rather than silently starting over. ``auto_or_fresh``: the same, except that
+    it then starts over, with a warning. ``peers``: the runtime (its rank, world size and
+    ``all_gather_object``)."""
     if resume == "never":
         return None
-    if resume == "auto":
-        return latest_complete(ckpt_dir)
-    info = read_complete(Path(resume))
-    if info is None:
-        raise LosaZeroError(f"resume={resume} is not a complete checkpoint (no valid {MARKER}): "
-                            f"pass a folder from {ckpt_dir}, or resume=auto")
-    return info
-
-
-# -- dense targets --------------------------------------------------------------------------------
-def write_activation(directory: Path, layer: int, rank: int, hidden: torch.Tensor) -> torch.Tensor:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"layer{layer:04d}.rank{rank:05d}.pt"
-    save_atomic(hidden.detach().cpu().contiguous(), path)
-    return torch.load(path, mmap=True, map_location="cpu", weights_only=True)
-
-
-def write_activation_manifest(directory: Path, runtime, n_layers: int, n: int) -> None:
-    runtime.barrier()
-    if runtime.is_main:
-        ranges = [list(split_range(n, runtime.world_size, r, runtime.calib_batch_size))
-                  for r in range(runtime.world_size)]
-        write_json_atomic(directory / "manifest.json", {
-            "format": FORMAT, "n_layers": n_layers, "n": n, "world_size": runtime.world_size, "ranges": ranges})
-    runtime.barrier()
-
-
-def load_activations(directory: Path, runtime, n_layers: int, n: int) -> list[torch.Tensor]:
-    """This rank's share of the saved dense targets, at any world size (memory-mapped)."""
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
-        raise LosaZeroError(f"{directory} has no complete dense targets (manifest.json): restart with resume=never") from None
-    if manifest["n"] != n or manifest["n_layers"] != n_layers:
-        raise LosaZeroError(f"dense targets in {directory} are for {manifest['n']} sequences x {manifest['n_layers']} "
-                            f"layers, this run has {n} x {n_layers}: restart with resume=never")
-    a, b = split_range(n, runtime.world_size, runtime.rank, runtime.calib_batch_size)
-    out = []
-    for l in range(n_layers):
-        pieces = []
-        for q, (qa, qb) in enumerate(manifest["ranges"]):
-            lo, hi = max(a, qa), min(b, qb)
-            if lo < hi:
-                t = torch.load(directory / f"layer{l:04d}.rank{q:05d}.pt", mmap=True, map_location="cpu",
-                               weights_only=True)
-                pieces.append(t[lo - qa:hi - qa])
-        out.append(pieces[0] if len(pieces) == 1 else (torch.cat(pieces) if pieces else None))
-    return out
+    if resume not in AUTO:
+        path = Path(resume)
+        info, damaged = _problems(path, peers)
+        if info is None and damaged.get(MARKER) == "no marker":
+            raise LosaZeroError(f"resume={resume} is not a complete checkpoint (no {MARKER}): "
+                                f"pass a folder from {ckpt_dir}, or resume=auto")
+        if damaged:
+            name, why = next(iter(damaged.items()))
+            raise LosaZeroError(f"checkpoint {path} is damaged: {name}: {why}; pass another checkpoint folder, "
+                                "or resume=auto to take the newest intact one")
+        return info
+    # rank 0's view of the folder decides: a shared filesystem may show ranks different
+    # listings for a moment, and they must not restore different checkpoints
+    candidates = [Path(p) for p in peers.all_gather_object(
+        [str(p) for p in _tags_newest_first(ckpt_dir)] if peers.is_main else None)[0]]
+    bad = []
+    for path in candidates:
+        info, damaged = _problems(path, peers)
+        if not damaged:
+            return info
+        name, why = next(iter(damaged.items()))
+        bad.append(f"{path.name}/{name}: {why}")
+        if peers.is_main:
+            log.warning(f"checkpoint {path} is damaged ({name}: {why}"
+                        + (f"; {len(damaged) - 1} more file(s)" if len(damaged) > 1 else "")
+                        + "): trying the previous complete checkpoint")
+    if not bad:
+        return None
+    if resume == "auto_or_fresh":
+        if peers.is_main:
+            log.warning(f"no intact checkpoint in {ckpt_dir} ({len(bad)} damaged): starting over "
+                        "(resume=auto_or_fresh)")
+        return None
+    raise LosaZeroError(f"no intact checkpoint in {ckpt_dir}: {len(bad)} damaged, the newest {bad[0]}; "
+                        "restore the files, or pass resume=auto_or_fresh to start over from the dense model")
 
 
 # -- reading shards at any world size -------------------------------------------------------------
@@ -271,8 +317,6 @@ class ShardReader:
         return out
 
     def local_mask(self, name: str, numel: int, old_part: int, new_part: int, rank: int) -> torch.Tensor | None:
-        from .bits import unpack_bits
-
         start = rank * new_part
         end = min(start + new_part, numel)
         out = torch.zeros(new_part, dtype=torch.bool)
@@ -308,8 +352,6 @@ class ShardReader:
 def param_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
     """Parameters gathered one group at a time: each decoder layer, then all the others
     (embeddings, final norm, untied head)."""
-    from ..modeling import decoder_layers
-
     layers = decoder_layers(model)
     in_layers = {id(p) for p in layers.parameters()}
     groups = [list(layer.parameters()) for layer in layers]
@@ -353,7 +395,6 @@ class Checkpointer:
         self.dir = Path(ckpt_dir)
         self.runtime, self.trainer, self.cfg = runtime, trainer, cfg
         self.every, self.keep = int(every), int(keep)
-        self.last = None  # (weights version, checkpoint path) whose frozen files can be linked
         self.resumed_from: list[str] = []
         self._install_signal_handlers()
 
@@ -365,9 +406,6 @@ class Checkpointer:
     # ("requeue me"; resume=auto continues).
     def _install_signal_handlers(self) -> None:
         preemption.install()
-
-    def _stop_everywhere(self) -> bool:
-        return preemption.should_stop(self.runtime)
 
     def _stop(self, path: Path) -> None:
         rt = self.runtime
@@ -382,7 +420,7 @@ class Checkpointer:
     def on_event(self, losa, kind: str) -> None:
         if kind == "step_end":
             path = self.save(losa)
-            if self._stop_everywhere():
+            if preemption.should_stop(self.runtime):
                 self._stop(path)
             return
         if kind != "opt_step":
@@ -392,7 +430,7 @@ class Checkpointer:
         total = -(-losa.steps_examples(losa.state.step + 1) // self.cfg.batch_size)
         if k >= total:
             return  # the step-end checkpoint (and stop check) follows at once
-        stop = self._stop_everywhere()
+        stop = preemption.should_stop(self.runtime)
         if stop or (self.every > 0 and k % self.every == 0):
             path = self.save(losa)
             if stop:
@@ -406,29 +444,18 @@ class Checkpointer:
         opt_step = pending["train"].get("opt_step", 0) if pending else 0
         tag = tag_of(state.step, opt_step)
         path = self.dir / tag
-        version = state.step + (1 if pending else 0)
         t0 = time.perf_counter()
-        rt.barrier()
+        # a stale (incomplete, or superseded) folder of the same tag: every rank deletes a share
+        remove_shared([path] if rt.is_main and path.exists() else [], rt)
         if rt.is_main:
-            if path.exists():  # a stale (incomplete, or superseded) folder of the same tag
-                with contextlib.suppress(FileNotFoundError):
-                    (path / MARKER).unlink()
-                shutil.rmtree(path)
             path.mkdir(parents=True)
         rt.barrier()
         model = losa.model
         files = {}
         frozen_name = f"frozen.rank{rt.rank:05d}.pt"
-        if self.last is not None and self.last[0] == version and (self.last[1] / frozen_name).exists():
-            try:
-                os.link(self.last[1] / frozen_name, path / frozen_name)
-            except OSError:
-                shutil.copyfile(self.last[1] / frozen_name, path / frozen_name)
-            files[frozen_name] = (path / frozen_name).stat().st_size
-        else:
-            frozen = frozen_shards(model, rt)
-            files[frozen_name] = save_atomic({"frozen": frozen, "masks": rt.masks.local_state()}, path / frozen_name)
-            del frozen
+        frozen = frozen_shards(model, rt)
+        files[frozen_name] = save_atomic({"frozen": frozen, "masks": rt.masks.local_state()}, path / frozen_name)
+        del frozen
         train_name = f"train.rank{rt.rank:05d}.pt"
         train = {"trainable": {}, "optimizer": None,
                  "rng": {"torch": torch.get_rng_state(),
@@ -447,7 +474,6 @@ class Checkpointer:
             all_files = {k: v for d in everyone for k, v in d.items()}
             meta = {
                 "format": FORMAT, "tag": tag, "world_size": rt.world_size, "key": [state.step, opt_step],
-                "weights_version": version,
                 "losa_state": dataclasses.asdict(state), "seconds": dict(losa.phases.seconds),
                 "fingerprint": fingerprint(self.cfg),
                 "params": {name: {"numel": int(p.ds_numel), "partition": int(p.partition_numel()),
@@ -457,40 +483,51 @@ class Checkpointer:
                 "masks": rt.masks.layout(),
                 "resumed_from": self.resumed_from,
             }
-            all_files["meta.json"] = write_json_atomic(path / "meta.json", meta).stat().st_size
+            all_files["meta.json"] = file_record(write_json_atomic(path / "meta.json", meta))
             write_json_atomic(path / MARKER, {"format": FORMAT, "key": [state.step, opt_step],
                                               "world_size": rt.world_size, "files": all_files,
                                               "time": time.time()})
             _fsync_dir(path)
             _fsync_dir(self.dir)
         rt.barrier()
-        self.last = (version, path)
-        if rt.is_main:
-            self._prune_old()
+        self._prune_old()
         rt.info(f"checkpoint {tag} written ({time.perf_counter() - t0:.1f}s)")
         test_hold("saved", tag)
         return path
 
     def _prune_old(self) -> None:
         """Keep the newest ``keep`` complete checkpoints and the newest step-end one; drop
-        incomplete folders older than the newest complete checkpoint."""
-        done = list_complete(self.dir)
-        if not done:
-            return
-        keep = {c.path for c in done[-max(1, self.keep):]}
-        step_ends = [c for c in done if not c.mid_step]
-        if step_ends:
-            keep.add(step_ends[-1].path)
-        newest = done[-1].key
-        for p in self.dir.iterdir():
-            m = _TAG.match(p.name)
-            if not m or not p.is_dir() or p in keep:
-                continue
-            if (int(m.group(1)), int(m.group(2))) > newest:
-                continue  # never touch anything newer than what is known to be complete
-            with contextlib.suppress(FileNotFoundError):
-                (p / MARKER).unlink()
-            shutil.rmtree(p, ignore_errors=True)
+        incomplete folders older than the newest complete checkpoint, and what an earlier
+        interrupted deletion left. Rank 0 decides; every rank deletes a share (collective)."""
+        doomed = []
+        done = list_complete(self.dir) if self.runtime.is_main else []
+        if done:
+            keep = {c.path for c in done[-max(1, self.keep):]}
+            step_ends = [c for c in done if not c.mid_step]
+            if step_ends:
+                keep.add(step_ends[-1].path)
+            newest = done[-1].key
+            for p in self.dir.iterdir():
+                m = _TAG.match(p.name)
+                if p.name.startswith(".deleting-") and p.is_dir():
+                    doomed.append(p)
+                if not m or not p.is_dir() or p in keep:
+                    continue
+                if (int(m.group(1)), int(m.group(2))) > newest:
+                    continue  # never touch anything newer than what is known to be complete
+                doomed.append(p)
+        remove_shared(doomed, self.runtime)
+
+    def remove_all(self, keep_final: bool = False) -> None:
+        """After a successful export: delete every checkpoint (or all but the newest complete
+        one with ``keep_final``). Collective."""
+        doomed = []
+        if self.runtime.is_main and self.dir.is_dir():
+            done = list_complete(self.dir)
+            final = done[-1].path if done and keep_final else None
+            doomed = [p for p in self.dir.iterdir()
+                      if p.is_dir() and p != final and (_TAG.match(p.name) or p.name.startswith(".deleting-"))]
+        remove_shared(doomed, self.runtime)
 
     # -- restoring ------------------------------------------------------------------------------------
     def load(self, info: CheckpointInfo, losa) -> None:
@@ -540,8 +577,6 @@ class Checkpointer:
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        from ..losa import LosaState
-
         losa.state = LosaState(**state)
         for phase, seconds in info.meta.get("seconds", {}).items():  # the attempts before this one
             losa.phases.add(phase, seconds)
@@ -549,8 +584,6 @@ class Checkpointer:
         ranks = pending["ranks"] if pending else (
             [l["rank"] for l in losa.state.history[-1]["layers"]] if losa.state.history else [0] * losa.n_layers)
         losa.set_ranks(ranks)
-        version = info.meta.get("weights_version")
-        self.last = (version, info.path) if info.world_size == rt.world_size else None
         self.resumed_from = list(info.meta.get("resumed_from", [])) + [info.path.name]
         rt.barrier()
         rt.info(f"resumed from checkpoint {info.path} ({info.world_size} -> {rt.world_size} ranks, "

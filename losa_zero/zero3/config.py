@@ -15,7 +15,8 @@ class ZeroRunConfig(LosaConfig):
     checkpoint_dir: str | None = opt(None, "checkpoints, dense targets and metrics.jsonl (default: OUT.checkpoints)")
     checkpoint_every: int = opt(0, "also checkpoint every N optimizer steps (0: only at the end of each LoSA step)")
     keep_checkpoints: int = opt(2, "complete checkpoints kept (the newest step-end one is always kept too)")
-    resume: str = opt("auto", "auto (newest complete checkpoint, if any), never, or a checkpoint folder")
+    resume: str = opt("auto", "auto (newest intact checkpoint, if any; stop when all are damaged), "
+                      "auto_or_fresh (the same, but start over when all are damaged), never, or a checkpoint folder")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (needed for long sequences on big models)")
     dist_backend: str = opt("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
     dist_timeout_minutes: float = opt(60.0, "how long a collective waits for the slowest rank before the run fails "
@@ -26,8 +27,8 @@ class ZeroRunConfig(LosaConfig):
             raise LosaZeroError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if not self.dist_timeout_minutes > 0:
             raise LosaZeroError(f"dist_timeout_minutes must be > 0 (got {self.dist_timeout_minutes})")
-        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
-            raise LosaZeroError(f"resume={self.resume}: use auto, never or an existing checkpoint folder")
+        if self.resume not in ("auto", "auto_or_fresh", "never") and not Path(self.resume).is_dir():
+            raise LosaZeroError(f"resume={self.resume}: use auto, auto_or_fresh, never or an existing checkpoint folder")
         return super().validate()
 
     @property

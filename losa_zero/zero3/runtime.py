@@ -33,7 +33,7 @@ from torch import nn
 from ..lora import SparseLoRALinear
 from ..runtime import Runtime
 from .bits import pack_bits, packed_size
-from .checkpoint import write_activation
+from .dense_targets import write_activation
 from .masks import PartitionedMaskStore
 from .partition import balance, is_zero_param, split_range
 
@@ -54,6 +54,7 @@ class ZeroRuntime(Runtime):
         self.calib_batch_size = int(calib_batch_size)
         self.masks = PartitionedMaskStore(self.rank, self.world_size, self.device, mask_device)
         self.activation_dir = activation_dir
+        self.activation_files: dict[str, dict] = {}  # dense-target files this rank wrote: name -> size, checksum
         self._open: dict[int, nn.Parameter] = {}
         self._modified: set[int] = set()
         self._open_linears: set[int] = set()
@@ -125,7 +126,9 @@ class ZeroRuntime(Runtime):
     def keep_activation(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.activation_dir is None:
             return hidden
-        return write_activation(self.activation_dir, layer, self.rank, hidden)
+        hidden, record = write_activation(self.activation_dir, layer, self.rank, hidden)
+        self.activation_files.update(record)
+        return hidden
 
     # -- weights ------------------------------------------------------------------------------
     @contextlib.contextmanager
