@@ -44,7 +44,7 @@ from common import append_benchmark, machine_header, markdown_table, this_comman
 
 from losa_zero.blockwise import capture_inputs, forward_block, sequential_prune  # noqa: E402
 from losa_zero.finetune import LocalTrainer  # noqa: E402
-from losa_zero.losa import attach_sparse_lora  # noqa: E402
+from losa_zero.losa import attach_sparse_lora, enable_activation_checkpointing  # noqa: E402
 from losa_zero.lora import SparseLoRALinear  # noqa: E402
 from losa_zero.modeling import decoder_layers, layer_linears, target_names  # noqa: E402
 from losa_zero.optimizers import choose_optimizer  # noqa: E402
@@ -167,7 +167,7 @@ def time_finetune(model: nn.Module, args, device: torch.device) -> dict:
             m.set_keep_mask(torch.rand(m.out_features, m.in_features, generator=gen, device=device) >= 0.7)
             with torch.no_grad():
                 m.lora_B.normal_(0, 0.01)  # a non-zero update, so nothing is skipped
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)  # what --gradient-checkpointing does
     model.config.use_cache = False
     # the run's own choice: the requested optimizer, or AdamW where bitsandbytes cannot step here
     optimizer = choose_optimizer(args.optimizer, device.type).used

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .finetune import LocalTrainer
-from .modeling import load_model, save_model
+from .modeling import load_model, resolve_dtype, save_model
 from .shards import parse_size
 from .runtime import Runtime, resolve_device
 
@@ -28,6 +28,7 @@ class LocalBackend:
     def __init__(self, cfg):
         self.cfg = cfg
         self.runtime = Runtime(resolve_device(cfg.device))
+        cfg.dtype = resolve_dtype(cfg.dtype, self.runtime.device)
 
     def load_model(self) -> tuple[nn.Module, object]:
         model, tokenizer = load_model(self.cfg.model, dtype=self.cfg.dtype, attn_implementation=self.cfg.attn_implementation)

@@ -58,7 +58,8 @@ class CommonConfig:
     nsamples: int = opt(128, "calibration sequences")
     seqlen: int | None = opt(None, "calibration sequence length (default: min(2048, model context))")
     seed: int = opt(0, "seed for calibration windows, data order and LoRA init")
-    dtype: str = opt("float32", "weight dtype during the run", tuple(DTYPES))
+    dtype: str = opt("auto", "weight dtype during the run (auto: bfloat16 when computing on a GPU, float32 on CPU)",
+                     ("auto", *DTYPES))
     device: str = opt("auto", "torch device (auto: cuda if available)")
     attn_implementation: str | None = opt(
         None, "attention kernel: sdpa, flash_attention_2 (needs the [gpu] extra) or eager (default: the "
@@ -176,6 +177,8 @@ class LosaConfig(CommonConfig):
     warmup_ratio: float = opt(0.3, "linear warmup fraction of each step's schedule (released: 0.3)")
     batch_size: int = opt(8, "effective batch size (released: 8 for 7B)")
     micro_batch_size: int = opt(8, "examples per forward; gradients accumulate up to --batch-size")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of "
+                                       "keeping them (fine-tuning memory of big models and long sequences)")
 
     def validate(self) -> "LosaConfig":
         _check_sparsity(self.sparsity)

@@ -106,6 +106,16 @@ def attach_adapters(model: nn.Module, cfg: LosaConfig, runtime: Runtime) -> None
     once: rank changes are slices). Under ZeRO-3 they are partitioned as they are made."""
     with runtime.adapter_init(model):
         attach_sparse_lora(model, cfg.lora_max_rank, cfg.lora_scale, cfg.lora_dropout, cfg.seed)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """``--gradient-checkpointing`` (one option for one process and ZeRO-3): each decoder
+    layer keeps only its input and recomputes the rest in backward. Non-reentrant: the
+    recomputation restores the RNG state (the same LoRA dropout masks) and works when the
+    layer inputs need no gradient (frozen embeddings), so gradients equal those without it."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def dense_targets(model: nn.Module, calib_ids: torch.Tensor, cfg: LosaConfig, runtime: Runtime) -> list[torch.Tensor]:

@@ -72,6 +72,17 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``--dtype``, with ``auto`` made concrete for the device the run computes on: bfloat16
+    on a GPU (tensor-core matmuls, half the weight memory: a 7B model fits one 80 GB GPU with
+    room for LoSA's working set), float32 on CPU (where bf16 matmuls are no faster and only
+    lose precision). Resolved where the device is known, so it follows the device a backend
+    actually chose (``--device auto``, the ZeRO-3 launcher's binding)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` from a local directory, in eval mode; ``dtype`` is a

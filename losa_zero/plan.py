@@ -711,9 +711,11 @@ class PlanConfig:
     lora_max_rank: int | None = _run_option("lora_max_rank", int)
     optimizer: str | None = _run_option("optimizer", str)
     pruner: str | None = _run_option("pruner", str)
-    dtype: str | None = _run_option("dtype", str)
-    gradient_checkpointing: bool | None = opt(None, "recompute activations in backward (default: on under ZeRO-3 "
-                                                    "as the run config's default, off with --single-process)")
+    dtype: str | None = opt(None, "as in the run config (default: auto, bfloat16 on GPUs and float32 with --device cpu)",
+                            LosaConfig.__dataclass_fields__["dtype"].metadata["choices"])
+    gradient_checkpointing: bool | None = opt(None, "recompute activations in backward (default: the run config's "
+                                                    "value, off as losa-zero losa's default with --single-process, "
+                                                    "else on)")
     json: str | None = opt(None, "write the plan as JSON to FILE (or, without FILE, print JSON instead of the "
                                  "table)", const="-")
 
@@ -735,6 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inputs_from_config(cfg: PlanConfig) -> tuple[ModelShape, PlanInputs]:
+    import torch
+
+    from .modeling import resolve_dtype
+
     values: dict = {}
     ds_path = cfg.deepspeed
     if cfg.run_config:
@@ -747,10 +753,8 @@ def inputs_from_config(cfg: PlanConfig) -> tuple[ModelShape, PlanInputs]:
         ds_path = ds_path or rc.get("deepspeed")
         if rc.get("attn_implementation") is not None:
             values["attention"] = "math" if rc["attn_implementation"] == "eager" else "flash"
-        if rc.get("dtype") is None:
-            values["dtype"] = "float32"     # the run config's own default (LosaConfig.dtype)
         if rc.get("gradient_checkpointing") is None:
-            values["gradient_checkpointing"] = False   # ZeroRunConfig's default
+            values["gradient_checkpointing"] = False   # LosaConfig's default
         if rc.get("micro_batch_size") is None:
             values["micro_batch_size"] = 8  # LosaConfig's default
     values.update(_ds_settings(ds_path))
@@ -764,8 +768,14 @@ def inputs_from_config(cfg: PlanConfig) -> tuple[ModelShape, PlanInputs]:
         values["offload"] = cfg.offload
     if cfg.offload_optimizer is not None:
         values["offload_optimizer"] = cfg.offload_optimizer
-    if cfg.single_process and cfg.gradient_checkpointing is None and not cfg.run_config:
-        values["gradient_checkpointing"] = False  # losa-zero losa's fine-tuning keeps every layer's activations
+    if cfg.single_process and not cfg.run_config:
+        # losa-zero losa's own defaults (LosaConfig): every layer's activations kept, micro-batch 8
+        for key in ("gradient_checkpointing", "micro_batch_size"):
+            if getattr(cfg, key) is None:
+                values[key] = LosaConfig.__dataclass_fields__[key].default
+    if values.get("dtype", "auto") == "auto":
+        # dtype: auto, the run's default, is bfloat16 on the GPUs planned for and float32 on CPU
+        values["dtype"] = resolve_dtype("auto", torch.device("cuda" if cfg.device == "gpu" else "cpu"))
     gpus = cfg.gpus_per_node if cfg.gpus_per_node is not None else (1 if cfg.single_process else 8)
     inp = PlanInputs(nodes=cfg.nodes, gpus_per_node=gpus, gpu_memory_gb=cfg.gpu_memory,
                      single_process=cfg.single_process, host_memory_gb=cfg.host_memory, device=cfg.device,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from losa_zero.config import LosaConfig
 from losa_zero.plan import main_plan, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def test_single_process_7b_and_13b_on_one_80gb_gpu(tmp_path):
     dense targets on the GPU do not fit 7B at 128 x 2048; with the dense targets on the host
     (what the run does) 7B fits and 13B does not; the terms are the hand-computed ones."""
     common = ["--single-process", "--gpu-memory", "80", "--dtype", "bfloat16", "--optimizer", "adamw",
-              "--nsamples", "128", "--seqlen", "2048"]
+              "--nsamples", "128", "--seqlen", "2048", "--micro-batch-size", "1"]
     code, r, text = run_plan(tmp_path, "--model", "llama-2-7b", *common, "--dense-targets", "gpu")
     s = resolve_model("llama-2-7b")
     assert code == 3 and r["inputs"]["world"] == 1 and "as one process" in text
@@ -296,7 +297,29 @@ def test_single_process_7b_and_13b_on_one_80gb_gpu(tmp_path):
     assert code == 0 and r["gpu_bytes"]["dense_targets_on_gpu"] == 0
     assert r["host_rank_bytes"]["dense_targets"] == 128 * 2048 * 4096 * 32 * 2
     code, r, text = run_plan(tmp_path, "--model", "llama-2-13b", *common)
-    assert code == 3 and "DOES NOT FIT" in text
+    assert code == 3 and "DOES NOT FIT" in text and r["gpu_peak_phase"] == "finetune"
+    code, r, text = run_plan(tmp_path, "--model", "llama-2-13b", *common, "--gradient-checkpointing")
+    assert code == 0 and r["inputs"]["gradient_checkpointing"]
+
+
+def test_single_process_defaults_are_those_of_losa_zero_losa(tmp_path):
+    """Without flags the plan is that of ``losa-zero losa`` with its defaults: dtype auto
+    (bf16 on the GPU, fp32 with --device cpu), micro-batch 8, no activation checkpointing,
+    which does not fit 7B on 80 GB; --gradient-checkpointing makes 7B and 13B fit."""
+    d = LosaConfig()
+    code, r, _ = run_plan(tmp_path, "--model", "llama-2-7b", "--single-process")
+    assert code == 3 and r["gpu_peak_phase"] == "finetune"
+    assert r["inputs"]["dtype"] == "bfloat16" and d.dtype == "auto"
+    assert r["inputs"]["micro_batch_size"] == d.micro_batch_size == 8
+    assert r["inputs"]["gradient_checkpointing"] is d.gradient_checkpointing is False
+    for model in ("llama-2-7b", "llama-2-13b"):
+        code, r_ck, _ = run_plan(tmp_path, "--model", model, "--single-process", "--gradient-checkpointing")
+        assert code == 0 and r_ck["inputs"]["gradient_checkpointing"]
+    assert r_ck["gpu_bytes"]["finetune_activations"] < r["gpu_bytes"]["finetune_activations"] / 10
+    _, r_cpu, _ = run_plan(tmp_path, "--model", "llama-2-7b", "--single-process", "--device", "cpu")
+    assert r_cpu["inputs"]["dtype"] == "float32" and r_cpu["gpu_bytes"]["weights"] == 2 * r["gpu_bytes"]["weights"]
+    _, r_auto, _ = run_plan(tmp_path, "--model", "llama-2-7b", "--single-process", "--dtype", "auto")
+    assert r_auto["inputs"]["dtype"] == "bfloat16"
 
 
 def test_eager_architectures_count_the_attention_weights(tmp_path):

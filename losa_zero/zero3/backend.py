@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import LosaZeroError
-from ..modeling import load_model
+from ..modeling import load_model, resolve_dtype
 from .config import ZeroRunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +63,7 @@ class ZeroBackend:
 
         self.cfg = cfg
         self.env = init_distributed(cfg.dist_backend, cfg.dist_timeout_minutes)
+        cfg.dtype = resolve_dtype(cfg.dtype, self.env.device)  # before the DeepSpeed config's bf16 section
         self.ckpt_dir = cfg.checkpoint_path
         self.max_shard = parse_size(cfg.export_shard_size)
         self.ds_path = resolve_ds_config_path(cfg.deepspeed, config_file)

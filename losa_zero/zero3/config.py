@@ -17,7 +17,6 @@ class ZeroRunConfig(LosaConfig):
     keep_checkpoints: int = opt(2, "complete checkpoints kept (the newest step-end one is always kept too)")
     resume: str = opt("auto", "auto (newest intact checkpoint, if any; stop when all are damaged), "
                       "auto_or_fresh (the same, but start over when all are damaged), never, or a checkpoint folder")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (needed for long sequences on big models)")
     dist_backend: str = opt("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
     dist_timeout_minutes: float = opt(60.0, "how long a collective waits for the slowest rank before the run fails "
                                             "(torch's default, 10, is shorter than a large checkpoint save)")

@@ -126,8 +126,6 @@ class ZeroTrainer:
 
         self.model, self.runtime, self.cfg = model, runtime, cfg
         self.rank, self.world_size = runtime.rank, runtime.world_size
-        if getattr(cfg, "gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = adapter_parameters(model)
         # With offload_optimizer DeepSpeed steps the client optimizer on the host's fp32 copy.
         offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
