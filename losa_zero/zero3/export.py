@@ -3,8 +3,9 @@ a compressed-tensors sparse format.
 
 The whole model is never gathered anywhere: parameter groups (a decoder layer, then the
 embeddings / final norm / untied head) are gathered one at a time, in the order of the
-shard plan, and each shard file is written by one rank (shard i by rank i mod world), which
-keeps at most one shard's tensors in host memory. With a compressor, the owner compresses
+shard plan, and each shard file is written by one rank (shard i by rank i mod world), on a
+worker thread while that rank goes on gathering the next shards with the others, which keeps
+at most one shard's tensors in host memory per rank. With a compressor, the owner compresses
 the shard's target linears before writing it. The sparse-LoRA factors are left out:
 after the final merge the adapted layers are plain linears (rank 0), with the names a
 ``LlamaForCausalLM`` expects (``...q_proj.weight``). A dense result loads with
@@ -13,6 +14,7 @@ plain :class:`~losa_zero.runtime.Runtime`) the same code writes the same files.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,8 +55,17 @@ def export_model(model, tokenizer, out_dir: Path, runtime, max_shard_bytes: int,
     n = len(shards)
     writer = ShardWriter(out_dir, n, compressor)
     bar = runtime.progress(range(n), desc="export", unit="shard")
+    # Each owner compresses and writes its shard on a worker thread while it goes on gathering
+    # the next shards with the others: a slow write to shared storage never holds the other
+    # ranks in a gather. An owner waits for its previous write before collecting its next
+    # shard, so it holds at most one shard's tensors.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-write")
+    pending = None
     for i in bar:
         owner = i % runtime.world_size
+        if runtime.rank == owner and pending is not None:
+            pending.result()
+            pending = None
         tensors = {}
         items = shards[i]
         # gather group by group (a shard holds whole groups, consecutive in gather order)
@@ -72,8 +83,11 @@ def export_model(model, tokenizer, out_dir: Path, runtime, max_shard_bytes: int,
                     for name, p in part:
                         tensors[name] = p.detach().to("cpu").contiguous().clone()
         if runtime.rank == owner:
-            writer.write(i, tensors)
+            pending = pool.submit(writer.write, i, tensors)
         del tensors
+    if pending is not None:
+        pending.result()
+    pool.shutdown()
     parts = runtime.all_gather_object((writer.state(), compressor.stats.to_dict() if compressor else None))
     result = {"shards": n, "bytes": 0}
     if runtime.is_main:
