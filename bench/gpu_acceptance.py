@@ -50,6 +50,18 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 #: steps, hence the looser bounds. Chosen from that reasoning, not yet from a GPU run: the
 #: first run's measured differences (printed beside them) are the check on these bounds.
 PPL_RTOL = {"eval": 0.02, "prune": 0.03, "losa": 0.06}
+#: runs with a bound of their own. SparseGPT 2:4 chooses each group of 4 on the weights as
+#: updated by the columns before it, so one flipped near-tie changes the later choices of the
+#: row; bf16 activations flip a few percent of its choices, and at 2:4 the fixture sits at
+#: several times its dense perplexity, where those flips move perplexity by a few percent
+#: either way. Its arithmetic is float32 on any weight dtype (tests/test_pruners.py:
+#: test_sparsegpt_on_bf16_weights_computes_in_fp32_and_rounds_once); the CPU measurement of
+#: this drift is in BENCHMARKS.md ("SparseGPT 2:4 in bf16 against fp32").
+PPL_RTOL_RUN = {"sparsegpt 2:4": 0.06}
+
+
+def ppl_rtol(label: str, kind: str) -> float:
+    return PPL_RTOL_RUN.get(label, PPL_RTOL[kind])
 #: exported weights of the resumed run against the uninterrupted one (relative Frobenius
 #: distance per tensor): bf16 on GPU (atomics in attention backward may reorder sums), fp32 on CPU
 WEIGHT_RTOL = {"cuda": 2e-2, "cpu": 1e-5}
@@ -212,21 +224,21 @@ def worker_fixture(args) -> int:
 
 
 def compare_fixture_runs(test: dict, ref: dict, labels: list[tuple[str, str]]) -> tuple[bool, list[list]]:
-    """Each run on the device against the CPU reference: perplexity within PPL_RTOL of its
-    kind and exactly the same sparsity; a run missing on either side fails."""
+    """Each run on the device against the CPU reference: perplexity within the bound of its
+    run or kind (:func:`ppl_rtol`) and exactly the same sparsity; a run missing on either side fails."""
     rows, ok = [], True
     for label, kind in labels:
         t, r = test.get(label, {}), ref.get(label, {})
         if "ppl" not in t or "ppl" not in r:
             why = t.get("error") or r.get("error") or "not run (timeout)"
-            rows.append([label, t.get("ppl"), r.get("ppl"), None, PPL_RTOL[kind], None, None, f"FAIL: {why}"])
+            rows.append([label, t.get("ppl"), r.get("ppl"), None, ppl_rtol(label, kind), None, None, f"FAIL: {why}"])
             ok = False
             continue
         rel = abs(t["ppl"] - r["ppl"]) / r["ppl"]
-        good = rel <= PPL_RTOL[kind] and abs(t["sparsity"] - r["sparsity"]) < 1e-9
+        good = rel <= ppl_rtol(label, kind) and abs(t["sparsity"] - r["sparsity"]) < 1e-9
         ok &= good
         opt = (t.get("optimizer") or {}).get("used", "")
-        rows.append([label, t["ppl"], r["ppl"], rel, PPL_RTOL[kind], t["sparsity"], r["sparsity"],
+        rows.append([label, t["ppl"], r["ppl"], rel, ppl_rtol(label, kind), t["sparsity"], r["sparsity"],
                      ("ok" if good else "FAIL") + (f" (optimizer {opt})" if opt else "")])
     return ok, rows
 

@@ -451,3 +451,21 @@ def test_target_validation():
         SparsityTarget(0.5, (2, 4), toward=(2, 4))
     with pytest.raises(LosaZeroError, match="divisible by 8"):
         get_pruner("magnitude").prune(torch.randn(4, 12), None, SparsityTarget.toward_nm(0.2, 4, 8))
+
+
+@pytest.mark.parametrize("target", [SparsityTarget.unstructured(0.5), SparsityTarget.nm_pattern(2, 4)])
+def test_sparsegpt_on_bf16_weights_computes_in_fp32_and_rounds_once(target):
+    """A bf16 model (dtype auto on a GPU) is pruned by the same float32 arithmetic as its
+    float32 copy: the same Hessian from bf16 activations (accumulated in fp32), the same mask,
+    and the float32 result rounded once to bf16. No step of the OBS update runs in bf16, so a
+    bf16 run differs from an fp32 one only through its bf16 inputs (weights and activations)."""
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(48, 64, generator=g) * 0.05).to(torch.bfloat16)
+    x = (torch.randn(4, 32, 64, generator=g) * torch.linspace(0.1, 3, 64)).to(torch.bfloat16)
+    p = get_pruner("sparsegpt", blocksize=32)
+    w16, keep16 = p.prune(w, make_stats(p, x), target)
+    w32, keep32 = p.prune(w.float(), make_stats(p, x.float()), target)
+    assert w16.dtype == torch.bfloat16 and torch.equal(keep16, keep32)
+    assert torch.equal(w16, w32.to(torch.bfloat16))
+    update = w32.to(torch.bfloat16).float() - w.float()
+    assert update[keep32].abs().max() > 0  # the survivors were updated: the equality above is not trivial
