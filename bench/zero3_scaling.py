@@ -114,7 +114,7 @@ def launch(config: Path, out: Path, nproc: int, work: Path, timeout: float) -> d
     for p in (out, Path(f"{out}.checkpoints")):
         shutil.rmtree(p, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(REPO / "train" / "losa.py"), str(config), f"out={out}"]
+           str(REPO / "train" / "losa.py"), str(config), f"out={out}", "keep_checkpoints_after_export=true"]
     r = run_measured(cmd, env=child_env(work), cwd=REPO, timeout=timeout)  # torchrun sets RANK, WORLD_SIZE...
     s = json.loads((out / "summary.json").read_text())
     s["_wall_s"] = r["wall_s"]

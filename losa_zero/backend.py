@@ -74,5 +74,9 @@ class LocalBackend:
         """Fields this kind of run adds to the common summary."""
         return {}
 
+    def after_commit(self) -> None:
+        """Delete what was kept only to resume the run, once the output is committed (one
+        process: nothing)."""
+
     def close(self) -> None:
         """Release what the backend holds once the output is committed."""

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import EvalConfig, LosaConfig, PruneConfig, add_config_flags, config_from_args
-from .errors import LosaZeroError
+from .errors import LosaZeroError, Terminated, raise_on_sigterm
 
 log = logging.getLogger("losa_zero")
 
@@ -34,14 +34,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .lifecycle import run_prune
 
-    run_prune(config_from_args(PruneConfig, args), command=args.command_line)
+    run_prune(config_from_args(PruneConfig, args), command=args.command_line, config_file=args.config)
     return 0
 
 
 def cmd_losa(args: argparse.Namespace) -> int:
     from .lifecycle import run_losa
 
-    run_losa(config_from_args(LosaConfig, args), command=args.command_line)
+    run_losa(config_from_args(LosaConfig, args), command=args.command_line, config_file=args.config)
     return 0
 
 
@@ -169,13 +169,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.cmd != "train":  # train stops at a checkpoint on SIGTERM (losa_zero.preemption)
+        raise_on_sigterm()
     try:
         return args.func(args)
     except LosaZeroError as e:
         print(f"losa-zero: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("losa-zero: terminated (SIGTERM); the temporary output was removed and --out left as it was",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("losa-zero: interrupted; no output was written", file=sys.stderr)
+        print("losa-zero: interrupted; the temporary output was removed and --out left as it was", file=sys.stderr)
         return 130
 
 

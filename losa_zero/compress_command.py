@@ -63,7 +63,8 @@ def compress_directory(model_dir: str, out: str, shard_size: str = "5GB", overwr
     if sparsity_config(src) is not None:
         raise LosaZeroError(f"{src} is already in a compressed-tensors sparse format: nothing to do")
     max_bytes = parse_size(shard_size, "--shard-size")
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp, ExitStack() as stack:
+    with atomic_output_dir(Path(out), overwrite=overwrite, inputs=[("the model folder", src)]) as tmp, \
+            ExitStack() as stack:
         try:
             config = AutoConfig.from_pretrained(src, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:

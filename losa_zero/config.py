@@ -116,6 +116,13 @@ class CommonConfig:
         check_model_dir(self.model)
         return self
 
+    def input_paths(self) -> list[tuple[str, str | Path]]:
+        """What the run reads, as (option, path): ``--out`` may not be, hold or lie in any."""
+        from .data import split_source
+
+        return ([("--model", self.model), ("--calib", split_source(self.calib)[1])]
+                + [("--ppl", split_source(spec)[1]) for spec in self.ppl])
+
 
 def _check_sparsity(value: float | None, flag: str = "--sparsity") -> None:
     if value is None:
@@ -200,6 +207,11 @@ class LosaConfig(CommonConfig):
         if self.lr <= 0:
             raise LosaZeroError(f"--lr must be > 0 (got {self.lr})")
         return super().validate()
+
+    def input_paths(self) -> list[tuple[str, str | Path]]:
+        from .data import split_source
+
+        return super().input_paths() + [("--train", split_source(self.train)[1])]
 
     @property
     def total_examples(self) -> int:

@@ -203,6 +203,7 @@ def convert_llama2c(checkpoint: str | os.PathLike, tokenizer_model: str | os.Pat
 
     from losa_zero.modeling import save_model
 
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite,
+                           inputs=[("the checkpoint", checkpoint), ("--tokenizer", tokenizer_model)]) as tmp:
         save_model(model, tok, tmp)
     return out_dir

@@ -74,6 +74,20 @@ def _record_kind(records: list[dict], path: Path) -> str:
     )
 
 
+def split_source(spec: str | os.PathLike) -> tuple[str | None, Path]:
+    """``[FORMAT:]PATH`` as ``(FORMAT or None, PATH)``, without reading the file."""
+    spec = os.fspath(spec)
+    if ":" in spec:
+        head, tail = spec.split(":", 1)
+        if head in FORMATS:
+            return head, Path(tail).expanduser()
+        if not Path(spec).exists() and _FORMAT_WORD.match(head) and len(head) > 1:
+            raise LosaZeroError(
+                f"unknown data format {head!r} in {spec!r}: use one of {', '.join(FORMATS)} (as FORMAT:PATH) or a plain path"
+            )
+    return None, Path(spec).expanduser()
+
+
 def parse_source(spec: str | os.PathLike) -> tuple[str, Path]:
     """Split ``[FORMAT:]PATH`` into ``(format, path)``, inferring the format when absent.
 
@@ -81,18 +95,7 @@ def parse_source(spec: str | os.PathLike) -> tuple[str, Path]:
     is plain text; ``.json``/``.jsonl`` are looked at: a ``text`` field means jsonl, an
     ``instruction`` + ``output`` pair means alpaca.
     """
-    spec = os.fspath(spec)
-    fmt = None
-    path_str = spec
-    if ":" in spec:
-        head, tail = spec.split(":", 1)
-        if head in FORMATS:
-            fmt, path_str = head, tail
-        elif not Path(spec).exists() and _FORMAT_WORD.match(head) and len(head) > 1:
-            raise LosaZeroError(
-                f"unknown data format {head!r} in {spec!r}: use one of {', '.join(FORMATS)} (as FORMAT:PATH) or a plain path"
-            )
-    path = Path(path_str).expanduser()
+    fmt, path = split_source(spec)
     if not path.exists():
         raise LosaZeroError(f"data file {path} not found: check the path given as data source")
     if not path.is_file():

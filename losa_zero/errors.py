@@ -8,3 +8,20 @@ schedulers see a clean failure instead of a traceback.
 
 class LosaZeroError(Exception):
     """An error caused by the user's input, reported as one line with exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's cancel), raised where the signal lands so that it
+    unwinds like Ctrl-C: the temporary output is removed and the command exits with 143."""
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` (main thread only). A second SIGTERM is
+    ignored so that it cannot interrupt the cleanup the first one started."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)

@@ -52,9 +52,10 @@ class Lifecycle:
     """One compression run. Subclasses implement :meth:`calibrate`, :meth:`compress` and
     :meth:`record` (and :meth:`merge` when there is something to merge)."""
 
-    def __init__(self, cfg: CommonConfig, command: str, backend=None):
+    def __init__(self, cfg: CommonConfig, command: str, backend=None, config_file: str | None = None):
         self.cfg = cfg
         self.command = command
+        self.config_file = config_file
         self.backend = backend if backend is not None else LocalBackend(cfg)
         self.runtime = self.backend.runtime
         self.phases = PhaseRecorder()
@@ -65,7 +66,9 @@ class Lifecycle:
         self.out_dir: Path | None = None
 
     def run(self) -> dict:
-        with atomic_output_dir(self.cfg.out, overwrite=self.cfg.overwrite, runtime=self.runtime) as out_dir:
+        inputs = self.cfg.input_paths() + [("the config file", self.config_file)]
+        with atomic_output_dir(self.cfg.out, overwrite=self.cfg.overwrite, runtime=self.runtime, inputs=inputs,
+                               on_commit=self.backend.after_commit) as out_dir:
             self.out_dir = out_dir
             self.load()
             self.calibrate()
@@ -305,16 +308,16 @@ class LosaRun(Lifecycle):
         }
 
 
-def run_prune(cfg: PruneConfig, command: str = "losa-zero prune") -> dict:
-    return PruneRun(cfg, command).run()
+def run_prune(cfg: PruneConfig, command: str = "losa-zero prune", config_file: str | None = None) -> dict:
+    return PruneRun(cfg, command, config_file=config_file).run()
 
 
-def run_losa(cfg: LosaConfig, command: str = "losa-zero losa") -> dict:
-    return LosaRun(cfg, command).run()
+def run_losa(cfg: LosaConfig, command: str = "losa-zero losa", config_file: str | None = None) -> dict:
+    return LosaRun(cfg, command, config_file=config_file).run()
 
 
 def run_train(cfg, command: str = "losa-zero train", config_file: str | None = None) -> dict:
     """LoSA under DeepSpeed ZeRO-3 on every rank that launched it (``losa-zero train``)."""
     from .zero3.backend import ZeroBackend
 
-    return LosaRun(cfg, command, ZeroBackend(cfg, config_file)).run()
+    return LosaRun(cfg, command, ZeroBackend(cfg, config_file), config_file=config_file).run()

@@ -96,7 +96,10 @@ class FakeRank:
         return self.rank == 0
 
     def all_gather_object(self, obj):
-        return [self.rank0_tmp if self.rank else obj, obj]
+        # what rank 0 shares in atomic_output_dir: (its temporary folder, its error), then
+        # (None, its commit error)
+        rank0 = obj if not self.rank else ((self.rank0_tmp, None) if self.barriers == 0 else (None, None))
+        return [rank0, obj]
 
     def barrier(self):
         self.barriers += 1
@@ -111,7 +114,7 @@ def test_atomic_output_other_rank_writes_into_rank0_dir_and_never_renames(tmp_pa
         assert Path(d) == rank0_tmp
         (d / "shard-1").write_text("x")
     assert not out.exists() and rank0_tmp.exists()  # rank 0 renames, not this rank
-    assert rt.barriers == 3
+    assert rt.barriers == 2  # after every rank wrote its part, and after the commit
 
 
 def test_atomic_output_rank0_commits_and_cleans_up_on_error(tmp_path):

@@ -51,6 +51,7 @@ def zbase(stories_model_dir, tinystories_split, tmp_path_factory):
         "sparsity": 0.7, "steps": 5, "nsamples": 32, "seqlen": 128, "cka_nsamples": 16, "calib_batch_size": 8,
         "samples_per_step": 16, "final_step_samples": 32, "max_length": 128, "batch_size": 8,
         "micro_batch_size": 4, "lr": 3.0e-3, "checkpoint_every": 1,
+        "keep_checkpoints_after_export": True,  # the final checkpoints are compared (the usr1 test drops them)
         "deepspeed": str(REPO / "ds_configs" / "zero3_cpu_test.json"),
     }
     return {"tmp": tmp, "cfg": cfg}
@@ -230,9 +231,16 @@ def test_sigkill_after_step2_then_resume_auto_equals_uninterrupted(offload_run, 
     run.wait_for("test hold at saved ckpt-002-000001", RUN_TIMEOUT)
     run.kill()
     assert not out.exists()
+    tmp = list(out.parent.glob("killed.tmp-*"))
+    assert len(tmp) == 1 and Path(f"{out}.lock").is_file()  # what the SIGKILL left
     resumed = launch(cfg, ["resume=auto"], 2, zbase["tmp"], zbase["tmp"] / "killed_resume.log", out)
     s = _run_ok(resumed)
     assert "resumed from checkpoint" in resumed.text() and "ckpt-002-000001 (2 -> 2 ranks" in resumed.text()
+    # the resumed run took over the dead run's lock and removed its temporary output (the
+    # checkpoint folder is kept whole: keep_checkpoints_after_export)
+    assert "took over the lock" in resumed.text() and f"removed {tmp[0]}" in resumed.text()
+    assert not list(out.parent.glob("killed.tmp-*")) and not Path(f"{out}.lock").exists()
+    assert (Path(f"{out}.checkpoints") / "dense_targets" / "manifest.json").is_file()
     assert s["resumed_from"] == ["ckpt-002-000001"]
     _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
     assert s["perplexity"]["eval.txt"]["ppl"] == s_ref["perplexity"]["eval.txt"]["ppl"]
@@ -295,11 +303,17 @@ def test_sigusr1_on_one_rank_checkpoints_exits_75_and_resumes(adamw_runs, zbase)
     ckdir = Path(f"{out}.checkpoints")
     marker = json.loads((ckdir / "PREEMPTED.json").read_text())
     assert Path(marker["checkpoint"]).name.startswith("ckpt-002-")
-    resumed = launch(cfg, [], 2, zbase["tmp"], zbase["tmp"] / "usr1_resume.log", out)
+    assert sorted(p.name for p in out.parent.glob("usr1.*")) == ["usr1.checkpoints", "usr1.log", "usr1.yaml"]  # no tmp, no lock
+    resumed = launch(cfg, ["keep_checkpoints_after_export=false"], 2, zbase["tmp"], zbase["tmp"] / "usr1_resume.log",
+                     out)
     s = _run_ok(resumed)
     assert s["resumed_from"] == [Path(marker["checkpoint"]).name]
-    assert not (ckdir / "PREEMPTED.json").exists()
-    _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
+    # after the export the checkpoint folder is gone (checkpoints, dense targets, metrics, marker)
+    assert not ckdir.exists() and (out / "metrics.jsonl").is_file()
+    a, b = _exported(out), _exported(out_ref)
+    assert a.keys() == b.keys()
+    worst = max((a[n].float() - b[n].float()).abs().max().item() for n in a)
+    assert worst < 1e-6 and all(torch.equal(a[n] == 0, b[n] == 0) for n in a), worst
 
 
 def test_checkpoints_share_no_file(adamw_runs):
@@ -336,3 +350,13 @@ def test_damaged_checkpoint_and_dense_targets_resume_from_previous(adamw_runs, z
     assert "layer0002.rank00000.pt is damaged" in log and "computing them again" in log
     assert s["resumed_from"] == [previous]
     _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out))
+
+
+def _exported(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    assert tensors, f"no exported weights in {out}"
+    return tensors

@@ -331,3 +331,97 @@ def test_mask_store_protocol_rebuilds_mask_in_backward():
     assert store.calls == before + 1  # the backward asked the store again instead of keeping the mask
     assert torch.equal(plain.lora_A.grad, stored.lora_A.grad) and torch.equal(plain.lora_B.grad, stored.lora_B.grad)
     assert torch.equal(stored.keep_mask(), keep) and stored._keep is None
+
+
+class _Rank:
+    """One rank of ``world`` seen alone: collectives are no-ops, and it records when it
+    deleted what (the order matters: completion records first)."""
+
+    def __init__(self, rank: int, world: int = 2):
+        self.rank, self.world_size, self.barriers = rank, world, 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def _train_leftovers(root: Path):
+    from losa_zero.zero3.checkpoint import write_activation
+
+    for step in (1, 2):
+        _fake_checkpoint(root, step, 0, 2)
+    for r in range(2):
+        for layer in range(2):
+            write_activation(root / "dense_targets", layer, r, torch.zeros(2, 3))
+    (root / "dense_targets" / "manifest.json").write_text("{}")
+    (root / "metrics.jsonl").write_text("{}\n")
+    (root / "PREEMPTED.json").write_text("{}")
+
+
+def test_remove_after_export_deletes_what_only_a_resume_needs(tmp_path):
+    from losa_zero.zero3.checkpoint import MARKER, remove_after_export
+
+    root = tmp_path / "ck"
+    _train_leftovers(root)
+    # rank 1 alone: only its own per-rank files, nothing rank 0 owns, no completion record
+    remove_after_export(root, _Rank(1))
+    assert not list(root.rglob("*.rank00001.pt"))
+    assert list(root.rglob("*.rank00000.pt")) and (root / "ckpt-001-000000" / MARKER).is_file()
+    remove_after_export(root, _Rank(0))
+    assert not root.exists()
+
+
+def test_keep_checkpoints_after_export_keeps_the_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from losa_zero.zero3.backend import ZeroBackend
+    from losa_zero.zero3.checkpoint import list_complete
+
+    root = tmp_path / "ck"
+    _train_leftovers(root)
+    before = sorted(str(p) for p in root.rglob("*"))
+    backend = object.__new__(ZeroBackend)  # only what after_commit reads
+    backend.cfg, backend.ckpt_dir, backend.runtime = SimpleNamespace(keep_checkpoints_after_export=True), root, _Rank(0)
+    backend.after_commit()
+    assert sorted(str(p) for p in root.rglob("*")) == before and len(list_complete(root)) == 2
+    backend.cfg.keep_checkpoints_after_export = False
+    backend.after_commit()
+    assert not root.exists()
+
+
+def test_remove_after_export_keeps_what_it_did_not_write(tmp_path):
+    """checkpoint_dir may be a folder that holds other things: only the run's own files go."""
+    from losa_zero.zero3.checkpoint import remove_after_export
+
+    root = tmp_path / "results"
+    _train_leftovers(root)
+    (root / "notes.txt").write_text("mine")
+    (root / "ckpt-old-run").mkdir()
+    remove_after_export(root, _Rank(0, world=1))
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-old-run", "notes.txt"]
+
+
+def test_remove_after_export_drops_completion_records_before_the_big_files(tmp_path, monkeypatch):
+    """Killed half-way through the deletion, nothing may look resumable: rank 0 unlinks
+    every COMPLETE.json and the dense-target manifest before any rank deletes shard files."""
+    from pathlib import Path as P
+
+    from losa_zero.zero3.checkpoint import remove_after_export
+
+    root = tmp_path / "ck"
+    _train_leftovers(root)
+    order = []
+    real_unlink = P.unlink
+
+    def unlink(self, missing_ok=False):
+        order.append(self.name)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(P, "unlink", unlink)
+    remove_after_export(root, _Rank(0, world=1))
+    first_shard = next(i for i, n in enumerate(order) if n.endswith(".pt"))
+    records = [i for i, n in enumerate(order) if n in ("COMPLETE.json", "manifest.json")]
+    assert len(records) == 6 and max(records) < first_shard, order  # both names tried in the 3 folders

@@ -163,6 +163,14 @@ class ZeroBackend:
             shutil.copyfile(metrics, out_dir / "metrics.jsonl")
         return exported
 
+    def after_commit(self) -> None:
+        """The output is committed: the checkpoint folder (dense targets, checkpoints) goes,
+        unless ``keep_checkpoints_after_export`` (a resume is no longer needed)."""
+        from .checkpoint import remove_after_export
+
+        if not self.cfg.keep_checkpoints_after_export:
+            remove_after_export(self.ckpt_dir, self.runtime)
+
     def summary_extras(self, export: dict | None) -> dict:
         rt = self.runtime
         return {

@@ -69,7 +69,7 @@ _TAG = re.compile(r"^ckpt-(\d{3,})-(\d{6,})$")
 #: defines the computation and must match)
 RESUME_MAY_CHANGE = {
     "out", "overwrite", "ppl", "eval_seqlen", "device", "deepspeed", "checkpoint_dir", "checkpoint_every",
-    "keep_checkpoints", "resume", "export_shard_size", "dist_backend", "dist_timeout_minutes",
+    "keep_checkpoints", "keep_checkpoints_after_export", "resume", "export_shard_size", "dist_backend", "dist_timeout_minutes",
     "gradient_checkpointing",
     "micro_batch_size", "calib_batch_size", "eval_batch_size",
 }
@@ -280,6 +280,41 @@ def resolve_resume(resume: str, ckpt_dir: Path, peers) -> CheckpointInfo | None:
         return None
     raise LosaZeroError(f"no intact checkpoint in {ckpt_dir}: {len(bad)} damaged, the newest {bad[0]}; "
                         "restore the files, or pass resume=auto_or_fresh to start over from the dense model")
+
+
+def remove_after_export(ckpt_dir: Path, runtime) -> None:
+    """Delete, once the output is committed, what only a resume needs: the dense targets
+    (hundreds of GB at 70B), the checkpoints, PREEMPTED.json, metrics.jsonl and tensorboard/
+    (both copied into the output), then ``ckpt_dir`` itself if nothing else is in it.
+    Collective; only files this run writes are touched.
+
+    Rank 0 first removes the completion records (COMPLETE.json, the dense targets'
+    manifest), so a run killed half-way leaves nothing that looks resumable but lacks files;
+    then every rank deletes its own per-rank files (the big ones, each rank its share, at the
+    same time: no rank deletes while the others wait in a collective for something else);
+    after a barrier rank 0 removes what is left (meta files, files of other world sizes)."""
+    rt = runtime
+    dirs = [ckpt_dir / "dense_targets"]
+    if ckpt_dir.is_dir():
+        dirs += sorted(p for p in ckpt_dir.iterdir() if _TAG.match(p.name) and p.is_dir() and not p.is_symlink())
+    rt.barrier()
+    if rt.is_main:
+        for d in dirs:
+            for record in (d / MARKER, d / "manifest.json"):
+                record.unlink(missing_ok=True)
+    rt.barrier()
+    for d in dirs:
+        for f in (d.glob(f"*.rank{rt.rank:05d}.pt") if d.is_dir() else ()):
+            f.unlink(missing_ok=True)
+    rt.barrier()
+    if rt.is_main:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        for name in ("metrics.jsonl", preemption.MARKER):
+            (ckpt_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(ckpt_dir / "tensorboard", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            ckpt_dir.rmdir()
 
 
 # -- reading shards at any world size -------------------------------------------------------------

@@ -15,6 +15,8 @@ class ZeroRunConfig(LosaConfig):
     checkpoint_dir: str | None = opt(None, "checkpoints, dense targets and metrics.jsonl (default: OUT.checkpoints)")
     checkpoint_every: int = opt(0, "also checkpoint every N optimizer steps (0: only at the end of each LoSA step)")
     keep_checkpoints: int = opt(2, "complete checkpoints kept (the newest step-end one is always kept too)")
+    keep_checkpoints_after_export: bool = opt(False, "keep the checkpoint folder (checkpoints, dense targets) once "
+                                                     "the model is exported (by default it is deleted then)")
     resume: str = opt("auto", "auto (newest intact checkpoint, if any; stop when all are damaged), "
                       "auto_or_fresh (the same, but start over when all are damaged), never, or a checkpoint folder")
     dist_backend: str = opt("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
@@ -29,6 +31,9 @@ class ZeroRunConfig(LosaConfig):
         if self.resume not in ("auto", "auto_or_fresh", "never") and not Path(self.resume).is_dir():
             raise LosaZeroError(f"resume={self.resume}: use auto, auto_or_fresh, never or an existing checkpoint folder")
         return super().validate()
+
+    def input_paths(self) -> list[tuple[str, str | Path]]:
+        return super().input_paths() + [("checkpoint_dir", self.checkpoint_path)]
 
     @property
     def checkpoint_path(self) -> Path:
