@@ -14,7 +14,8 @@ what differs, in the order a run meets it:
 4. the DeepSpeed engine is built once the sparse-LoRA factors exist, then the newest
    complete checkpoint (if any) is restored; LoSA's events write checkpoints;
 5. evaluation runs with DeepSpeed's module hooks on; the export is streamed one layer at a
-   time into the output folder, with ``metrics.jsonl`` copied beside it.
+   time into the output folder, with ``metrics.jsonl`` and ``tensorboard/`` copied beside it;
+6. once the output is committed, the dense targets and (by default) the checkpoints go.
 """
 from __future__ import annotations
 
@@ -158,9 +159,11 @@ class ZeroBackend:
         from .export import export_model
 
         exported = export_model(model, tokenizer, out_dir, self.runtime, self.max_shard, compressor)
-        metrics = self.ckpt_dir / "metrics.jsonl"
+        metrics, tensorboard = self.ckpt_dir / "metrics.jsonl", self.ckpt_dir / "tensorboard"
         if self.runtime.is_main and metrics.exists():
             shutil.copyfile(metrics, out_dir / "metrics.jsonl")
+        if self.runtime.is_main and tensorboard.is_dir():  # the run's folder holds it, as for losa-zero losa
+            shutil.copytree(tensorboard, out_dir / "tensorboard")
         return exported
 
     def after_commit(self) -> None:
