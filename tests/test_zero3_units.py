@@ -349,7 +349,7 @@ class _Rank:
 
 
 def _train_leftovers(root: Path):
-    from losa_zero.zero3.checkpoint import write_activation
+    from losa_zero.zero3.dense_targets import write_activation
 
     for step in (1, 2):
         _fake_checkpoint(root, step, 0, 2)
