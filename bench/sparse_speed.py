@@ -24,11 +24,13 @@ LLAMA_SHAPES.setdefault("2048x4", dict(hidden_size=2048, intermediate_size=5632,
 
 
 def prune_and_save(src: Path, out: Path, sparsity: float) -> Path:
-    """Magnitude-prune every target linear of ``src`` to ``sparsity``; save in bf16."""
+    """Magnitude-prune every target linear of ``src`` to ``sparsity``; save in bf16 (once)."""
     import torch
 
     from losa_zero.modeling import decoder_layers, layer_linears, load_model, save_model
 
+    if (out / "config.json").exists():
+        return out
     model, tok = load_model(src, dtype=torch.bfloat16)
     with torch.no_grad():
         for layer in decoder_layers(model):
@@ -49,6 +51,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None, help="override the prompt length")
     ap.add_argument("--new-tokens", type=int, default=None, help="override the generated tokens")
     ap.add_argument("--repeats", type=int, default=None, help="override the generation repeats")
+    ap.add_argument("--batch", default="1,8", help="generation / kernel batch sizes, comma-separated")
+    ap.add_argument("--work", default=None, help="folder for the models (reused when present; default: a temp folder)")
     args = ap.parse_args()
     import torch
 
@@ -62,9 +66,11 @@ def main() -> int:
     for key, val in (("prompt_len", args.prompt_len), ("new_tokens", args.new_tokens), ("gen_repeats", args.repeats)):
         if val is not None:
             gen[key] = val
-    work = Path(tempfile.mkdtemp(prefix="sparse-speed-"))
-    fixture = convert_llama2c(data / "stories260K" / "stories260K.bin", data / "stories260K" / "tok512.model",
-                              work / "stories260K")
+    gen["batches"] = tuple(int(b) for b in args.batch.split(","))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sparse-speed-"))
+    fixture = work / "stories260K"
+    if not (fixture / "config.json").exists():
+        convert_llama2c(data / "stories260K" / "stories260K.bin", data / "stories260K" / "tok512.model", fixture)
     runs = []
     if "fixture" in parts:
         model = prune_and_save(fixture, work / "stories260K-70", 0.7)

@@ -48,12 +48,55 @@ def test_pack_bytes_at_70_percent():
     assert 0.34 < ratio < 0.38  # 0.3 values + 1/16 mask + offsets
 
 
-@pytest.mark.parametrize("isa", ["best", "scalar"])
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _expected_isa() -> str | None:
+    """What the run-time dispatch must pick on this CPU (None: cannot tell, e.g. no /proc)."""
+    import platform
+
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not flags:
+        return None if not flags else "scalar"
+    if {"avx2", "fma", "f16c", "popcnt", "bmi1", "bmi2"} <= flags:
+        return "avx512" if "avx512f" in flags else "avx2"
+    return "scalar"
+
+
+def test_dispatch_reports_the_cpus_isa(kernel, monkeypatch):
+    monkeypatch.delenv("LOSA_ZERO_KERNEL_ISA", raising=False)
+    expected = _expected_isa()
+    if expected is None:
+        pytest.skip("no /proc/cpuinfo flags to check the dispatch against")
+    assert kernel.isa() == expected
+    monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", "scalar")
+    assert kernel.isa() == "scalar"
+    monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", "avx2")  # narrower than AVX-512 only; never wider than the CPU
+    assert kernel.isa() == ("avx2" if expected in ("avx2", "avx512") else "scalar")
+    monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", "avx512")
+    assert kernel.isa() == expected
+
+
+def _isas():
+    """Every path this CPU can run: the best one (AVX-512 where present), AVX2 beneath it, scalar."""
+    best = _expected_isa()
+    return ["best", "scalar"] + (["avx2"] if best == "avx512" else [])
+
+
+@pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_dense(kernel, monkeypatch, isa, dtype):
-    if isa == "scalar":
-        monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", "scalar")
-        assert kernel.isa() == "scalar"
+    if isa != "best":
+        monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", isa)
+        assert kernel.isa() == isa
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     for out, cols in [(9, 13), (64, 64), (67, 200), (5, 8)]:
         w = _sparse_weight(out, cols, 0.7, dtype, seed=out)
@@ -67,6 +110,41 @@ def test_kernel_matches_dense(kernel, monkeypatch, isa, dtype):
             assert y.dtype == dtype and y.shape == (2, batch, out)
             scale = ref.abs().max().item() + 1
             assert (y.double() - ref).abs().max().item() <= tol * scale, (out, cols, batch)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_edge_cases(kernel, monkeypatch, isa, dtype):
+    """All-zero rows, a fully dense row, widths that are not multiples of 8 / 16 / 64 (odd
+    mask-byte counts exercise the 16-lane tail), row counts off the row block, batch 1..8."""
+    if isa != "best":
+        monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", isa)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for out, cols in [(1, 1), (3, 7), (6, 9), (13, 24), (10, 72), (21, 130), (37, 257), (4, 512)]:
+        w = _sparse_weight(out, cols, 0.7, dtype, seed=cols)
+        w[0] = 0  # an all-zero row
+        if out > 2:
+            w[out // 2] = torch.randn(cols).to(dtype) + 3  # a row without zeros
+            w[-1] = 0
+        sp = BitmaskLinear(pack_bitmask(w))
+        for batch in range(1, 9):
+            x = torch.randn(batch, cols).to(dtype)
+            ref = x.double() @ w.double().T
+            y = sp(x)
+            assert torch.all(y[:, 0] == 0)
+            scale = ref.abs().max().item() + 1
+            assert (y.double() - ref).abs().max().item() <= tol * scale, (out, cols, batch)
+
+
+def test_kernel_threads_split_rows_by_nonzeros(kernel):
+    """Rows of very uneven density, large enough to run on several threads: every row once."""
+    torch.manual_seed(0)
+    w = torch.zeros(1000, 700)
+    w[:50] = torch.randn(50, 700)  # the first rows hold most nonzeros
+    w[50:] = torch.where(torch.rand(950, 700) < 0.05, torch.randn(950, 700), torch.zeros(()))
+    x = torch.randn(3, 700)
+    y = BitmaskLinear(pack_bitmask(w))(x)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_fp32_equals_dense_closely(kernel):

@@ -7,6 +7,7 @@ and :func:`load_kernel` returns ``None``: callers then keep the dense linears.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -17,13 +18,19 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("bitmask_linear.cpp")
+HERE = Path(__file__).parent
+# the torch binding, then the row loop compiled once per instruction set (chosen at run time)
+SOURCES = [HERE / f"bitmask_{name}.cpp" for name in ("linear", "rows_avx512", "rows_avx2", "rows_scalar")]
+HEADERS = [HERE / "bitmask_rows.h", HERE / "bitmask_rows_api.h"]
 _STATE: dict = {}
 
 
 def cache_dir() -> Path:
+    """One folder per torch / Python version and kernel source: processes running different
+    versions of the sources (two checkouts) never rebuild over each other's library."""
     root = os.environ.get("LOSA_ZERO_KERNEL_CACHE") or Path.home() / ".cache" / "losa-zero" / "kernels"
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
     return Path(root) / tag
 
 
@@ -47,7 +54,7 @@ def load_kernel(verbose: bool = False):
         try:
             module = load(
                 name="losa_zero_bitmask_linear",
-                sources=[str(SOURCE)],
+                sources=[str(p) for p in SOURCES],
                 build_directory=str(build),
                 extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
