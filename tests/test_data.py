@@ -271,3 +271,88 @@ def test_write_json_atomic_and_peak_memory(tmp_path):
     mem = peak_memory()
     assert mem["host_rss_bytes"] > 10 * 2**20
     assert mem["cuda_bytes"] is None or mem["cuda_bytes"] >= 0
+
+
+# ----------------------------------------------------------------------------- big files
+
+def test_big_files_are_never_tokenized_whole(tok, tmp_path, monkeypatch):
+    """Past CHUNK_CHARS a window starts at a random word of the text and only the text it
+    needs is tokenized: every window is a run of tokens of one document onwards, the draw
+    is seeded, and no call ever sees more than a window's worth of text."""
+    import losa_zero.data as data
+
+    docs = [f"Story {i}: Once upon a time there was a cat number {i}. It liked fish and milk." for i in range(400)]
+    p = tmp_path / "big.txt"
+    p.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    monkeypatch.setattr(data, "CHUNK_CHARS", 2000)
+    pieces = list(data._text_chunks("text", p))
+    assert len(pieces) > 10 and "".join(pieces) == "\n\n".join(docs)
+    assert min(map(len, pieces)) >= 1000 and max(map(len, pieces)) <= 3000 + max(map(len, docs))
+    seen = []
+    real_encode = data._encode
+
+    def spy(tokenizer, texts):
+        seen.extend(len(t) for t in texts)
+        return real_encode(tokenizer, texts)
+
+    monkeypatch.setattr(data, "_encode", spy)
+    got = calibration_windows(tok, str(p), nsamples=12, seqlen=40, seed=5)
+    assert got.shape == (12, 40) and max(seen) <= 8 * 40 * 2
+    assert torch.equal(got, calibration_windows(tok, str(p), nsamples=12, seqlen=40, seed=5))
+    assert not torch.equal(got, calibration_windows(tok, str(p), nsamples=12, seqlen=40, seed=6))
+    whole = "\n\n".join(docs)
+    for row in got.tolist():
+        assert tok.decode(row).strip() in whole                # a contiguous run of the text
+    assert len({tuple(r) for r in got.tolist()}) > 6           # spread over the file
+
+
+def test_small_files_are_one_chunk_so_nothing_changes(tok, tinystories_split):
+    """Below CHUNK_CHARS (every fixture file) the stream is the whole text tokenized at once."""
+    import losa_zero.data as data
+
+    spec = str(tinystories_split[1])
+    assert len(list(data._text_chunks(*parse_source(spec)))) == 1
+
+
+def test_finetune_examples_tokenize_only_what_is_used(tok, tmp_path, monkeypatch):
+    import losa_zero.data as data
+
+    docs = [f"Doc {i} is about a dog and a ball." for i in range(300)]
+    p = tmp_path / "many.txt"
+    p.write_text("\n\n".join(docs), encoding="utf-8")
+    reference = finetune_examples(tok, str(p), 32, limit=7, seed=2)
+    counted = []
+    real_encode = data._encode
+    monkeypatch.setattr(data, "_encode", lambda tk, texts: counted.append(len(texts)) or real_encode(tk, texts))
+    got = finetune_examples(tok, str(p), 32, limit=7, seed=2)
+    assert got == reference and sum(counted) <= 2 * 7      # prompts + texts of the 7 drawn documents only
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(2)).tolist()[:7]
+    assert [tok.decode(e["input_ids"], skip_special_tokens=True) for e in got] == [docs[i] for i in order]
+
+
+def test_record_errors_are_one_line(tok, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"},
+                               {"instruction": "c", "input": {"x": 1}, "output": "d"}]), encoding="utf-8")
+    with pytest.raises(LosaZeroError, match="non-text 'input' field") as e:
+        finetune_examples(tok, str(bad), 64)
+    assert "\n" not in str(e.value)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut\n', encoding="utf-8")
+    with pytest.raises(LosaZeroError, match="cannot read line 2 of"):
+        load_documents(str(broken))
+
+
+def test_local_files_write_no_dataset_cache(tok, tmp_path, monkeypatch):
+    """Local JSON data is parsed here, not by the datasets library (which writes an Arrow
+    cache into the user's home for every file it reads)."""
+    datasets = pytest.importorskip("datasets")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset called for a local file")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    jl = _write_jsonl(tmp_path / "c.jsonl", [{"text": f"document {i}"} for i in range(20)])
+    al = _write_jsonl(tmp_path / "al.jsonl", ALPACA_RECORDS)
+    assert len(load_documents(str(jl))) == 20
+    assert len(finetune_examples(tok, str(al), 64, limit=5)) == 5
