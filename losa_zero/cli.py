@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import EvalConfig, LosaConfig, PruneConfig, add_config_flags, config_from_args
-from .errors import LosaZeroError, Terminated, raise_on_sigterm
+from .errors import LosaZeroError, OneLineParser, Terminated, raise_on_sigterm
 
 log = logging.getLogger("losa_zero")
 
@@ -86,7 +86,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="losa-zero", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="losa-zero", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -155,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_environment(quiet: bool, uses_deepspeed: bool) -> None:
+    """Offline by default; no progress bars from transformers / datasets / hub with ``-q``;
+    no DeepSpeed accelerator line from commands that do not use DeepSpeed (transformers
+    imports it while saving a model, and on a machine without CUDA it announces falling
+    back to the CPU). Set before those libraries are imported; explicit settings win."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if not uses_deepspeed and "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = [a for a in argv if a not in ("-q", "--quiet")]
@@ -163,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_plan(rest[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line argparse error (2)
+        return int(exc.code or 0)
     args.command_line = _command_line(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    quiet_environment(args.quiet, uses_deepspeed=args.cmd == "train")
     if args.cmd != "train":  # train stops at a checkpoint on SIGTERM (losa_zero.preemption)
         raise_on_sigterm()
     try:

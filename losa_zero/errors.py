@@ -4,6 +4,10 @@ Anything the user can fix (a bad flag, a missing file, an unsupported model) rai
 :class:`LosaZeroError`. The CLI prints it as one line and exits with code 2, so scripts and
 schedulers see a clean failure instead of a traceback.
 """
+from __future__ import annotations
+
+import argparse
+import sys
 
 
 class LosaZeroError(Exception):
@@ -25,3 +29,11 @@ def raise_on_sigterm() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, bad choice, missing value) in the one-line form
+    of every other error, exit 2, without the usage block."""
+
+    def error(self, message: str):
+        print(f"losa-zero: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

@@ -13,7 +13,12 @@ from .runtime import Runtime, resolve_device
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    texts = {spec: load_eval_text(spec) for spec in cfg.ppl}  # fail on bad paths before loading the model
+    # every input checked before the model is loaded (the options themselves: EvalConfig.validate)
+    if cfg.tasks:
+        from .zeroshot import check_tasks
+
+        check_tasks(cfg.tasks, cfg.tasks_data)
+    texts = {spec: load_eval_text(spec) for spec in cfg.ppl}
     runtime = Runtime(resolve_device(cfg.device))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     model.to(runtime.device).eval()

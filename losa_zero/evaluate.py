@@ -54,6 +54,22 @@ def default_eval_seqlen(model: nn.Module) -> int:
     return min(int(seqlen), DEFAULT_EVAL_SEQLEN_CAP)
 
 
+def eval_token_ids(model: nn.Module, tokenizer, text: str, seqlen: int | None = None,
+                   name: str = "evaluation text") -> tuple[torch.Tensor, int]:
+    """``(token ids of text, window length)``, or a one-line error when the text is too
+    short for one window. Called once the model is loaded and before any calibration, so a
+    run does not learn at its very end that its ``--ppl`` file cannot be scored."""
+    if seqlen is None:
+        seqlen = default_eval_seqlen(model)
+    if seqlen < 2:
+        raise LosaZeroError(f"perplexity seqlen must be at least 2, got {seqlen}: pass a larger --eval-seqlen")
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if ids.numel() < seqlen:
+        raise LosaZeroError(f"{name} has {ids.numel()} tokens, fewer than one window of {seqlen}: "
+                            "use a longer text or a smaller --eval-seqlen")
+    return ids, seqlen
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, text: str, runtime=None, seqlen: int | None = None,
                batch_size: int = 4) -> dict:
@@ -70,19 +86,10 @@ def perplexity(model: nn.Module, tokenizer, text: str, runtime=None, seqlen: int
     collective. The per-window sums are combined and added in window order, exactly as on
     one process, so the number does not depend on the number of ranks.
     """
-    if seqlen is None:
-        seqlen = default_eval_seqlen(model)
-    if seqlen < 2:
-        raise LosaZeroError(f"perplexity seqlen must be at least 2, got {seqlen}: pass a larger --eval-seqlen")
     if batch_size < 1:
         raise LosaZeroError(f"perplexity batch size must be at least 1, got {batch_size}")
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    ids, seqlen = eval_token_ids(model, tokenizer, text, seqlen)
     n_windows = ids.numel() // seqlen
-    if n_windows < 1:
-        raise LosaZeroError(
-            f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}: "
-            "use a longer text or a smaller --eval-seqlen"
-        )
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
     world, rank = (runtime.world_size, runtime.rank) if runtime is not None else (1, 0)
     device = runtime.device if runtime is not None else _device_of(model)

@@ -186,7 +186,8 @@ def accumulate_batch(trainer, batch: list[dict], micro_batch_size: int, pad_id: 
         if filler:
             loss = loss * 0.0
         elif not torch.isfinite(loss):
-            raise LosaZeroError(f"training loss is {loss.item()} at {where}: lower --lr or run in float32")
+            raise LosaZeroError(f"training loss is {loss.item()} at {where}: the learning rate is too large or the "
+                                "dtype too narrow; lower --lr (run config: lr) or run in float32")
         trainer.backward(loss, boundary=j == len(mine) - 1)
         if not filler:
             step_loss += loss.item()
@@ -238,7 +239,13 @@ def train_adapters(
                                      where=f"LoSA step {losa_step}, optimizer step {opt_step + 1}")
         step_tokens = sum(len(e["input_ids"]) for e in batch)
         step_lr = lr * linear_warmup_factor(opt_step, total, warmup_ratio)
-        trainer.step(step_lr)
+        try:
+            trainer.step(step_lr)
+        except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
+            if "overflow" not in str(exc):
+                raise
+            raise LosaZeroError(f"learning rate {step_lr:g} overflows the optimizer's update at LoSA step {losa_step}, "
+                                f"optimizer step {opt_step + 1}: lower --lr (run config: lr)") from None
         progress["losses"].append(step_loss)
         progress["tokens"] += step_tokens
         progress["opt_step"] = opt_step + 1

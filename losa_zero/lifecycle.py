@@ -26,10 +26,10 @@ from .allocators import Allocation, get_allocator
 from .backend import LocalBackend
 from .compressed import compressor_for
 from .blockwise import CalibrationInputs, sequential_prune
-from .config import CommonConfig, LosaConfig, PruneConfig
+from .config import CommonConfig, LosaConfig, PruneConfig, nm_patterns
 from .data import PAD_ID, calibration_windows, finetune_examples, load_eval_text, parse_source
 from .errors import LosaZeroError
-from .evaluate import perplexity
+from .evaluate import eval_token_ids, perplexity
 from .finetune import MetricsWriter
 from .losa import Losa, attach_adapters, dense_targets, merge_and_unwrap
 from .modeling import decoder_layers, layer_linears, target_names
@@ -86,6 +86,8 @@ class Lifecycle:
         with self.phases.phase("load"):
             self.model, self.tokenizer = self.backend.load_model()
         self.seqlen = calibration_seqlen(self.cfg.seqlen, self.model.config)
+        for spec, text in self.eval_texts.items():  # each --ppl text long enough for one window
+            eval_token_ids(self.model, self.tokenizer, text, self.cfg.eval_seqlen, name=f"--ppl {spec}")
 
     def calibration_windows(self) -> torch.Tensor:
         cfg = self.cfg
@@ -160,16 +162,7 @@ class Lifecycle:
 
 def parse_nm(spec: str, n_layers: int) -> list[tuple[int, int]]:
     """'2:4' for every layer, or one 'N:M' per layer, comma-separated (mixed N per layer)."""
-    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
-    out = []
-    for p in parts:
-        try:
-            n, m = (int(x) for x in p.split(":"))
-        except ValueError:
-            raise LosaZeroError(f"--nm {p!r} is not of the form N:M (e.g. 2:4)") from None
-        if m < 1 or n < 1 or n > m:
-            raise LosaZeroError(f"--nm {p}: need 1 <= N <= M (N weights kept in every M)")
-        out.append((n, m))
+    out = nm_patterns(spec)
     if len(out) == 1:
         out = out * n_layers
     if len(out) != n_layers:

@@ -18,6 +18,7 @@ from .allocation import ReconstructionError, allocate_ranks, band_delta, cubic_s
 from .allocators import Allocation, get_allocator
 from .blockwise import CalibrationInputs, dense_layer_outputs, sequential_prune
 from .config import LosaConfig
+from .errors import LosaZeroError
 from .finetune import MetricsWriter, train_adapters
 from .lora import SparseLoRALinear, unwrap_linear, wrap_linear
 from .modeling import decoder_layers, layer_linears, target_names
@@ -58,7 +59,11 @@ def merge_block_adapters(block: nn.Module, runtime: Runtime, rank_after: int = 0
     """W <- W + s (B_r A_r) ⊙ M for every adapted linear of the block, then set the rank."""
     for lin in layer_linears(block).values():
         if isinstance(lin, SparseLoRALinear) and lin.rank > 0:
-            runtime.write_linear(lin, runtime.read_weight(lin) + lin.delta_weight())
+            merged = runtime.read_weight(lin) + lin.delta_weight()
+            if not bool(torch.isfinite(merged).all()):  # the same full weight on every rank
+                raise LosaZeroError("fine-tuning made the weights overflow (a merged weight is not finite): "
+                                    "the learning rate is too large for this model; lower --lr (run config: lr)")
+            runtime.write_linear(lin, merged)
         if isinstance(lin, SparseLoRALinear):
             lin.set_rank(rank_after)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -82,6 +83,22 @@ def resolve_dtype(name: str, device: torch.device) -> str:
         return name
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
+def read_config(path: Path, trust_remote_code: bool = False):
+    """The model's ``config.json`` as a transformers config, or a one-line error: a config
+    that asks for the model's own Python code (``auto_map``) is refused, never run."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise LosaZeroError(f"{Path(path) / 'config.json'} asks for the model's own Python code (auto_map), "
+                                f"which losa-zero never runs: use a model of a supported architecture "
+                                f"({supported_list()})") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LosaZeroError(f"cannot read {Path(path) / 'config.json'} ({first}): pass a folder made by "
+                            "save_pretrained") from exc
+
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None):
@@ -92,14 +109,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     model only to reject its architecture afterwards would waste minutes and memory.
     ``attn_implementation`` is resolved by :func:`attn_implementation_for`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     p = _check_model_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LosaZeroError(f"cannot read {p / 'config.json'} ({exc}): pass a folder made by save_pretrained") from exc
+    config = read_config(p, trust_remote_code)
     attn = attn_implementation_for(config, attn_implementation)
     from .compressed import load_compressed_model, sparsity_config
 
@@ -117,6 +131,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
             )
     except OSError as exc:
         raise LosaZeroError(f"cannot load model weights from {p}: {exc}".splitlines()[0]) from exc
+    except pickle.UnpicklingError as exc:
+        raise LosaZeroError(f"the weights in {p} are a pickle that torch refuses to load safely (it would run "
+                            "code from the file): convert them to safetensors with a trusted tool") from exc
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        first = str(exc).splitlines()[0]
+        raise LosaZeroError(f"the safetensors weights in {p} are damaged or truncated ({first}): copy or export "
+                            "the model again") from exc
     model.eval()
     tokenizer = load_tokenizer(p, trust_remote_code=trust_remote_code)
     return model, tokenizer

@@ -392,3 +392,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail at once (before hours of work) when ``path`` cannot be written: its folder is
+    missing or read-only, or the path is a folder."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise LosaZeroError(f"{flag} {p} is a folder: pass a file path")
+    if not parent.is_dir():
+        raise LosaZeroError(f"{flag} {p}: folder {parent} does not exist: create it or choose another path")
+    try:  # a real write: permission bits say nothing for root, nor for read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise LosaZeroError(f"{flag} {p} cannot be written ({exc.strerror} in {parent}): choose another path") from None
+    return p

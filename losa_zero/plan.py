@@ -100,8 +100,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .architectures import Architecture, Widths, architecture_of, linear_shapes
-from .config import LosaConfig, add_config_flags, check_fields, config_from_args, load_yaml, opt
-from .errors import LosaZeroError
+from .config import (AT_LEAST_1, POSITIVE, LosaConfig, Options, add_config_flags, check_fields, config_from_args,
+                     load_yaml, opt)
+from .errors import LosaZeroError, OneLineParser
 
 GB = 1e9
 EXIT_FITS, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 2, 3
@@ -670,23 +671,24 @@ def _run_option(key: str, kind: type):
     """A plan option that overrides the run config's ``key`` (same name, same choices)."""
     default = getattr(PlanInputs(), key)
     shown = default if default is not None else "min(2048, context)"
-    choices = LosaConfig.__dataclass_fields__[key].metadata.get("choices") if kind is str else None
-    return opt(None, f"as in the run config (default: {shown})", choices)
+    meta = LosaConfig.__dataclass_fields__[key].metadata
+    return opt(None, f"as in the run config (default: {shown})", meta.get("choices") if kind is str else None,
+               range=meta.get("range"))
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(Options):
     """``losa-zero plan``: the cluster, the run's settings that size its memory, the output."""
 
     model: str | None = opt(None, f"known name ({', '.join(KNOWN_MODELS)}), a HF config.json, or a model directory",
                             required=True)
-    nodes: int = opt(1, "nodes")
+    nodes: int = opt(1, "nodes", range=AT_LEAST_1)
     gpus_per_node: int | None = opt(None, "ranks per node (GPUs; CPU processes with --device cpu; default 8, 1 with "
-                                          "--single-process)")
+                                          "--single-process)", range=AT_LEAST_1)
     single_process: bool = opt(False, "plan losa-zero losa on one GPU (whole model on the GPU, no ZeRO-3) instead "
                                       "of losa-zero train")
-    gpu_memory: float = opt(80.0, "GB per GPU (A100 80GB)")
-    host_memory: float | None = opt(None, "GB of host memory per node (unchecked if absent)")
+    gpu_memory: float = opt(80.0, "GB per GPU (A100 80GB)", range=POSITIVE)
+    host_memory: float | None = opt(None, "GB of host memory per node (unchecked if absent)", range=POSITIVE)
     offload: str | None = opt(None, "parameter offload (default: what --deepspeed says, else none); auto = the "
                                     "first of none, cpu, nvme that fits", ("none", "cpu", "nvme", "auto"))
     offload_optimizer: bool | None = opt(None, "optimizer state on the host (default: with parameter offload)")
@@ -721,13 +723,11 @@ class PlanConfig:
 
     def validate(self) -> "PlanConfig":
         check_fields(self)
-        if self.nodes < 1 or (self.gpus_per_node is not None and self.gpus_per_node < 1):
-            raise LosaZeroError("--nodes and --gpus-per-node must be >= 1")
         return self
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="losa-zero plan",
         description="Per-GPU and per-node memory of a LoSA run under ZeRO-3 (losa-zero train) or on one GPU "
                     "(--single-process: losa-zero losa), and whether it fits. "

@@ -35,6 +35,19 @@ def resolve_device(name: str) -> torch.device:
         raise LosaZeroError(f"unknown --device {name!r}: use auto, cpu or cuda[:N]") from None
 
 
+def check_device(name: str) -> None:
+    """``--device`` checked before any work: a known device, and a CUDA one only where this
+    torch sees it."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LosaZeroError(f"--device {name}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                                "False): use --device cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= count:
+            raise LosaZeroError(f"--device {name}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+
+
 class Runtime:
     """One process, weights fully materialised on ``device``."""
 

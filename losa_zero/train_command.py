@@ -87,10 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     # the deepspeed launcher appends --local_rank=N (the rank also comes from the environment)
     argv = [a for a in argv if a not in ("-q", "--quiet") and not a.startswith(("--local_rank", "--local-rank"))]
     rank = _rank()
-    import warnings
-
-    # torch 2.13 renamed collectives DeepSpeed still calls; one warning per call floods logs
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..*deprecated.*")
     logging.basicConfig(level=logging.WARNING if (quiet or rank != 0) else logging.INFO,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     command = "losa-zero train " + " ".join(shlex.quote(a) for a in argv)
@@ -99,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli_run(config_file: str, overrides: list[str], command: str) -> int:
     """Run and map errors to exit codes: a user error prints one line (rank 0) and exits 2."""
+    import warnings
+
+    # torch 2.13 renamed collectives DeepSpeed still calls: one FutureWarning per call (every
+    # optimizer step) would flood the log, for `losa-zero train` and train/losa.py alike
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..*deprecated.*")
     try:
         return run(config_file, overrides, command)
     except LosaZeroError as e:

@@ -196,7 +196,9 @@ class LosaZeroLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length) if max_length else self._infer_max_length()
         self._device = torch.device(device) if device is not None else _device_of(model)
-        # None lets tqdm decide (bars on a terminal, silent in logs and tests).
+        # None lets tqdm decide (bars on a terminal, silent in logs and tests); -q: none.
+        if progress is None and not log.isEnabledFor(logging.INFO):
+            progress = False
         self._progress_disabled = None if progress is None else not progress
         self._forward_kwargs = {"use_cache": False} if _accepts_kwarg(model, "use_cache") else {}
         self._pad_id = next(
@@ -434,6 +436,31 @@ def _task_manager(names: list[str], need_registry: bool):
     return tm
 
 
+@contextlib.contextmanager
+def _hub_errors(names: list[str]) -> Iterator[None]:
+    """A task lm-eval must download while the hub is off (losa-zero's default) is a user
+    error: say which variables allow the download."""
+    try:
+        yield
+    except ConnectionError as exc:
+        hub = [n for n in names if n not in LOCAL_TASKS]
+        raise LosaZeroError(
+            f"zero-shot task(s) {', '.join(hub) or ', '.join(names)} need data from the Hugging Face hub, which "
+            f"could not be reached ({str(exc).splitlines()[0]}): set HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 (losa-zero "
+            f"sets them to 1 unless given) on a machine with network access, or use the bundled tasks "
+            f"({', '.join(LOCAL_TASKS)})") from exc
+
+
+def check_tasks(tasks: Sequence[str], data_dir: str | os.PathLike | None = None):
+    """Task names and local data checked before any model work: returns ``(specs, names,
+    task manager, whether lm-eval's registry is used)``; unknown names and missing local
+    files are one-line errors."""
+    specs, names, need_registry = _task_specs(tasks, data_dir)
+    with contextlib.nullcontext() if need_registry else _offline():
+        tm = _task_manager(names, need_registry)
+    return specs, names, tm, need_registry
+
+
 def evaluate_zeroshot(
     model: torch.nn.Module | LM,
     tokenizer: Any,
@@ -455,10 +482,7 @@ def evaluate_zeroshot(
     """
     import lm_eval
 
-    specs, names, need_registry = _task_specs(tasks, data_dir)
-    offline = contextlib.nullcontext() if need_registry else _offline()
-    with offline:
-        tm = _task_manager(names, need_registry)  # unknown names fail before any model work
+    specs, names, tm, need_registry = check_tasks(tasks, data_dir)  # before any model work
     if isinstance(model, LM):
         lm = model
     else:
@@ -466,7 +490,7 @@ def evaluate_zeroshot(
             raise LosaZeroError("evaluate_zeroshot needs the model's tokenizer: pass tokenizer")
         lm = LosaZeroLM(model, tokenizer, batch_size=batch_size, **lm_kwargs)
     offline = contextlib.nullcontext() if need_registry else _offline()
-    with offline, _preserve_rng():
+    with offline, _preserve_rng(), _hub_errors(names):
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=specs,

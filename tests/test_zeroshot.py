@@ -25,6 +25,7 @@ validates tokenisation, batching and scoring independently of the model's qualit
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -178,7 +179,8 @@ def test_errors_and_table(slices, tmp_path, monkeypatch):
     with pytest.raises(LosaZeroError, match="LOSA_ZERO_DATA"):
         local_task_config("boolq")
     monkeypatch.setenv("LOSA_ZERO_DATA", str(slices.parent))
-    assert local_task_config("boolq")["dataset_kwargs"]["data_files"]["validation"] == str(slices / "boolq.jsonl")
+    got = local_task_config("boolq")["dataset_kwargs"]["data_files"]["validation"]
+    assert Path(got) == (slices / "boolq.jsonl").resolve()  # also when the data folder is reached by a symlink
     with pytest.raises(LosaZeroError, match="no zero-shot tasks"):
         evaluate_zeroshot(object(), object(), [], data_dir=slices)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import LosaZeroError
-from ..modeling import load_model, resolve_dtype
+from ..modeling import load_model, read_config, resolve_dtype
 from .config import ZeroRunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,6 @@ class ZeroBackend:
     """One rank of a ZeRO-3 run (see the module docstring)."""
 
     def __init__(self, cfg: ZeroRunConfig, config_file: str | None = None):
-        from transformers import AutoConfig
         from transformers.integrations import HfDeepSpeedConfig
 
         from .checkpoint import check_resumable, resolve_resume
@@ -69,11 +68,7 @@ class ZeroBackend:
         self.max_shard = parse_size(cfg.export_shard_size)
         self.ds_path = resolve_ds_config_path(cfg.deepspeed, config_file)
         raw_ds = load_ds_config(self.ds_path)
-        try:
-            hf_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise LosaZeroError(f"cannot read the model config in {cfg.model} ({type(exc).__name__}): "
-                                "pass a folder made by save_pretrained") from exc
+        hf_config = read_config(cfg.model)
         ds_config = fill_ds_config(raw_ds, cfg, self.env.world_size, int(hf_config.hidden_size), str(self.ds_path))
         # Must exist (and stay referenced) before from_pretrained: transformers then builds the
         # model under deepspeed.zero.Init and loads each tensor straight into its shards

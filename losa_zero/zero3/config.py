@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LosaConfig, opt
+from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, LosaConfig, opt
 from ..errors import LosaZeroError
 
 
@@ -13,21 +13,25 @@ from ..errors import LosaZeroError
 class ZeroRunConfig(LosaConfig):
     deepspeed: str = opt("ds_configs/zero3.json", "DeepSpeed config (JSON); its \"auto\" fields are filled from this config")
     checkpoint_dir: str | None = opt(None, "checkpoints, dense targets and metrics.jsonl (default: OUT.checkpoints)")
-    checkpoint_every: int = opt(0, "also checkpoint every N optimizer steps (0: only at the end of each LoSA step)")
-    keep_checkpoints: int = opt(2, "complete checkpoints kept (the newest step-end one is always kept too)")
+    checkpoint_every: int = opt(0, "also checkpoint every N optimizer steps (0: only at the end of each LoSA step)",
+                                range=AT_LEAST_0)
+    keep_checkpoints: int = opt(2, "complete checkpoints kept (the newest step-end one is always kept too)",
+                                range=AT_LEAST_1)
     keep_checkpoints_after_export: bool = opt(False, "keep the checkpoint folder (checkpoints, dense targets) once "
                                                      "the model is exported (by default it is deleted then)")
     resume: str = opt("auto", "auto (newest intact checkpoint, if any; stop when all are damaged), "
                       "auto_or_fresh (the same, but start over when all are damaged), never, or a checkpoint folder")
     dist_backend: str = opt("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU)", ("auto", "nccl", "gloo"))
     dist_timeout_minutes: float = opt(60.0, "how long a collective waits for the slowest rank before the run fails "
-                                            "(torch's default, 10, is shorter than a large checkpoint save)")
+                                            "(torch's default, 10, is shorter than a large checkpoint save)",
+                                      range=POSITIVE)
+
+    @staticmethod
+    def option_name(field_name: str) -> str:
+        """Run configs are YAML files and key=value overrides: messages name the key."""
+        return field_name
 
     def validate(self) -> "ZeroRunConfig":
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise LosaZeroError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
-        if not self.dist_timeout_minutes > 0:
-            raise LosaZeroError(f"dist_timeout_minutes must be > 0 (got {self.dist_timeout_minutes})")
         if self.resume not in ("auto", "auto_or_fresh", "never") and not Path(self.resume).is_dir():
             raise LosaZeroError(f"resume={self.resume}: use auto, auto_or_fresh, never or an existing checkpoint folder")
         return super().validate()
