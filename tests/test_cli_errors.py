@@ -167,6 +167,8 @@ ONE_LINE_CASES = {
                                                  "--train", str(_bad_alpaca(d)), "--final-step-samples", "2",
                                                  "--batch-size", "1", "--micro-batch-size", "1"],
                                 "non-text 'instruction'", None),
+    "out_unwritable": (lambda m, d, o, t: ["prune", "--model", str(m), "--sparsity", "0.5", "--out", "/proc/losa-out"],
+                       "cannot write in /proc", None),
     # found at run time: an overflowing learning rate (merged weights not finite; the optimizer's own overflow)
     "lr_overflows_weights": (lambda m, d, o, t: _tiny_losa(m, t) + ["--lr", "1e30"], "learning rate", None),
     "lr_overflows_optimizer": (lambda m, d, o, t: _tiny_losa(m, t) + ["--lr", "1e39"], "learning rate", None),
