@@ -261,7 +261,11 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 #: Text up to this many characters is tokenized as one stream (the reference protocol
-#: below, exactly); a bigger file is never held or tokenized whole (see calibration_windows).
+#: below, exactly): every fixture and the usual calibration sets (WikiText-2, a C4 shard's
+#: slice), at about 140 bytes of memory per character; a bigger file is never held or
+#: tokenized whole (see calibration_windows).
+WHOLE_TEXT_CHARS = 16 << 20
+#: Pieces a bigger file is read in.
 CHUNK_CHARS = 1 << 20
 
 
@@ -299,8 +303,8 @@ def calibration_windows(tokenizer, spec: str | os.PathLike, nsamples: int, seqle
     calibration set depends only on ``seed`` (not on whatever else consumed the global RNG),
     which keeps pruning runs reproducible and methods comparable on identical inputs.
 
-    A file with more than CHUNK_CHARS characters of text is not tokenized whole (that costs
-    about 140 bytes of memory per character, and time for text never used): each window
+    A file with more than WHOLE_TEXT_CHARS characters of text is not tokenized whole (that
+    costs about 140 bytes of memory per character, and time for text never used): each window
     starts at a random character position (a piece of the stream chosen in proportion to
     its length, then a position in it, moved to the next word), and only the text from
     there that the window needs is tokenized. Memory: one piece of text plus the windows.
@@ -308,10 +312,15 @@ def calibration_windows(tokenizer, spec: str | os.PathLike, nsamples: int, seqle
     if nsamples < 1 or seqlen < 1:
         raise LosaZeroError(f"calibration needs nsamples >= 1 and seqlen >= 1 (got {nsamples}, {seqlen})")
     fmt, path = parse_source(spec)
-    chunks = _text_chunks(fmt, path)
-    first = next(chunks, "")
-    if next(chunks, None) is None:
-        return _stream_windows(tokenizer, first, nsamples, seqlen, seed, spec)
+    head, size = [], 0
+    for chunk in _text_chunks(fmt, path):
+        head.append(chunk)
+        size += len(chunk)
+        if size > WHOLE_TEXT_CHARS:
+            break
+    else:
+        return _stream_windows(tokenizer, "".join(head), nsamples, seqlen, seed, spec)
+    del head
     sizes = [len(c) for c in _text_chunks(fmt, path)]
     g = torch.Generator().manual_seed(int(seed))
     which = torch.multinomial(torch.tensor(sizes, dtype=torch.float64), nsamples, replacement=True,

@@ -276,7 +276,7 @@ def test_write_json_atomic_and_peak_memory(tmp_path):
 # ----------------------------------------------------------------------------- big files
 
 def test_big_files_are_never_tokenized_whole(tok, tmp_path, monkeypatch):
-    """Past CHUNK_CHARS a window starts at a random word of the text and only the text it
+    """Past WHOLE_TEXT_CHARS a window starts at a random word of the text and only the text it
     needs is tokenized: every window is a run of tokens of one document onwards, the draw
     is seeded, and no call ever sees more than a window's worth of text."""
     import losa_zero.data as data
@@ -285,6 +285,7 @@ def test_big_files_are_never_tokenized_whole(tok, tmp_path, monkeypatch):
     p = tmp_path / "big.txt"
     p.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     monkeypatch.setattr(data, "CHUNK_CHARS", 2000)
+    monkeypatch.setattr(data, "WHOLE_TEXT_CHARS", 5000)
     pieces = list(data._text_chunks("text", p))
     assert len(pieces) > 10 and "".join(pieces) == "\n\n".join(docs)
     assert min(map(len, pieces)) >= 1000 and max(map(len, pieces)) <= 3000 + max(map(len, docs))
@@ -306,12 +307,19 @@ def test_big_files_are_never_tokenized_whole(tok, tmp_path, monkeypatch):
     assert len({tuple(r) for r in got.tolist()}) > 6           # spread over the file
 
 
-def test_small_files_are_one_chunk_so_nothing_changes(tok, tinystories_split):
-    """Below CHUNK_CHARS (every fixture file) the stream is the whole text tokenized at once."""
+def test_files_up_to_the_threshold_are_tokenized_whole(tok, tmp_path, monkeypatch, data_dir):
+    """Up to WHOLE_TEXT_CHARS (every fixture file, WikiText-2 included) the windows are those of
+    the whole text tokenized at once (the reference protocol), however many pieces it is read in."""
     import losa_zero.data as data
 
-    spec = str(tinystories_split[1])
-    assert len(list(data._text_chunks(*parse_source(spec)))) == 1
+    assert all(f.stat().st_size <= data.WHOLE_TEXT_CHARS for f in data_dir.rglob("*.txt"))
+    docs = [f"Story {i}: a dog ran to the park and found a red ball near the tree." for i in range(200)]
+    p = tmp_path / "mid.txt"
+    p.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    whole = calibration_windows(tok, str(p), nsamples=6, seqlen=32, seed=3)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)
+    assert len(list(data._text_chunks(*parse_source(str(p))))) > 5
+    assert torch.equal(calibration_windows(tok, str(p), nsamples=6, seqlen=32, seed=3), whole)
 
 
 def test_finetune_examples_tokenize_only_what_is_used(tok, tmp_path, monkeypatch):
