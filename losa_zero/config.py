@@ -25,6 +25,9 @@ from .pruners import PRUNERS
 from .runtime import check_device
 from .shards import parse_size
 
+#: how LoSA's steps reach an N:M pattern (losa_zero.nm.NMSteps)
+NM_SCHEDULES = ("capped", "patterns", "project")
+
 
 @dataclass(frozen=True)
 class Range:
@@ -148,6 +151,10 @@ class CommonConfig(Options):
     owl_m: float = opt(5.0, "OWL: a weight is an outlier when its Wanda score exceeds M times its layer's mean",
                        range=POSITIVE)
     owl_lambda: float = opt(0.08, "OWL: layer rates stay within target +- lambda", range=FRACTION)
+    nm: str | None = opt(None, "N:M pattern (N kept of every M), e.g. 2:4, which sets the sparsity; or one N:M per "
+                         "layer, comma-separated")
+    nm_spread: int = opt(1, "mixed N:M: each layer's N stays within the mean N +- this (and 1 .. M-1)",
+                         range=AT_LEAST_0)
     ppl: list[str] = listing("texts to score after the run, comma-separated source specs")
     eval_seqlen: int | None = opt(None, "perplexity window length (default: min(the model's context length, 4096))",
                                   range=Range(2))
@@ -201,45 +208,54 @@ def nm_sparsity(spec: str) -> float:
     return sum(rates) / len(rates)
 
 
+def check_sparsity_or_nm(cfg) -> None:
+    """--sparsity, or --nm (whose pattern sets the sparsity: a different --sparsity is an
+    error); with --nm the allocation can only choose a mixed N per layer."""
+    if cfg.nm is None:
+        if cfg.sparsity is None:
+            raise LosaZeroError("missing required option --sparsity (or give --nm N:M)")
+        return
+    nm_patterns(cfg.nm)  # the pattern's syntax, before any work
+    if cfg.sparsity is not None and abs(cfg.sparsity - nm_sparsity(cfg.nm)) > 1e-9:
+        raise LosaZeroError(f"--nm {cfg.nm} prunes {nm_sparsity(cfg.nm):g} of the weights but --sparsity is "
+                            f"{cfg.sparsity:g}: drop --sparsity (the pattern sets it) or make them agree")
+    if cfg.allocation != "uniform" and not ALLOCATORS[cfg.allocation].mixed_nm:
+        raise LosaZeroError(f"--allocation {cfg.allocation} learns unstructured rates: it does not apply to --nm "
+                            f"(for a mixed N per layer use --allocation {' or '.join(mixed_nm_allocators())})")
+    if cfg.allocation != "uniform" and "," in str(cfg.nm):
+        raise LosaZeroError("--nm lists one N:M per layer already: drop --allocation, or give one N:M "
+                            f"and --allocation {'|'.join(mixed_nm_allocators())} to choose a mixed N per layer")
+
+
 @dataclass
 class PruneConfig(CommonConfig):
     method: str = opt("wanda", "one-shot pruning method", tuple(PRUNERS))
     sparsity: float | None = opt(None, "target fraction of pruned weights, in [0, 1) (with --nm: none, or the "
                                  "pattern's 1 - N/M)", range=FRACTION)
-    nm: str | None = opt(None, "N:M pattern (N kept of every M), e.g. 2:4; or one N:M per layer, comma-separated")
     allocation: str = opt("uniform", "layer-wise sparsity rates: uniform, RMI (LoSA), OWL, or BESA's learned "
                           "row/linear rates; with one --nm N:M, rmi or owl choose a mixed N per layer",
                           tuple(ALLOCATORS))
-    nm_spread: int = opt(1, "mixed N:M: each layer's N stays within the mean N +- this (and 1 .. M-1)",
-                         range=AT_LEAST_0)
 
     def validate(self) -> "PruneConfig":
         check_fields(self)
-        if self.nm is not None:
-            nm_patterns(self.nm)  # the pattern's syntax, before any work
-        if self.nm is None:
-            if self.sparsity is None:
-                raise LosaZeroError("missing required option --sparsity (or give --nm N:M)")
-        elif self.sparsity is not None and abs(self.sparsity - nm_sparsity(self.nm)) > 1e-9:
-            raise LosaZeroError(f"--nm {self.nm} prunes {nm_sparsity(self.nm):g} of the weights but --sparsity is "
-                                f"{self.sparsity:g}: drop --sparsity (the pattern sets it) or make them agree")
-        elif self.allocation != "uniform" and not ALLOCATORS[self.allocation].mixed_nm:
-            raise LosaZeroError(f"--allocation {self.allocation} learns unstructured rates: it does not apply to --nm "
-                                f"(for a mixed N per layer use --allocation {' or '.join(mixed_nm_allocators())})")
-        elif self.allocation != "uniform" and "," in str(self.nm):
-            raise LosaZeroError("--nm lists one N:M per layer already: drop --allocation, or give one N:M "
-                                f"and --allocation {'|'.join(mixed_nm_allocators())} to choose a mixed N per layer")
+        check_sparsity_or_nm(self)
         return super().validate()
 
 
 @dataclass
 class LosaConfig(CommonConfig):
-    sparsity: float | None = opt(None, "final target sparsity S, in [0, 1)", range=FRACTION)
+    sparsity: float | None = opt(None, "final target sparsity S, in [0, 1) (with --nm: the pattern's)", range=FRACTION)
     steps: int = opt(5, "LoSA steps T (released: 5)", range=AT_LEAST_1)
     pruner: str = opt("wanda", "pruner applied to the merged weights at each step (one that uses calibration data)",
                       tuple(name for name, cls in PRUNERS.items() if cls.calibrated))
-    allocation: str = opt("rmi", "layer-wise sparsity rates per step: RMI (LoSA), uniform, OWL, or BESA's learned "
-                          "row/linear rates (the step's pruner then prunes to them)", tuple(ALLOCATORS))
+    allocation: str | None = opt(None, "layer-wise sparsity rates per step: RMI (LoSA; the default), uniform, OWL, or "
+                                 "BESA's learned row/linear rates (the step's pruner then prunes to them); with --nm: "
+                                 "uniform (the default), or rmi / owl choose a mixed N per layer at step 1",
+                                 tuple(ALLOCATORS))
+    nm_schedule: str = opt("patterns", "with --nm, how the steps reach the pattern: patterns (an N:M pattern every "
+                           "step, N falling with the schedule), capped (unstructured steps that never prune more than "
+                           "M-N of a group of M, exact N:M at the last) or project (unstructured steps, N:M at the "
+                           "last; ends sparser)", NM_SCHEDULES)
     delta: float | None = opt(None, "rate band half-width (default: released 0.01/0.02/0.03 by step target)",
                               range=FRACTION)
     train: str | None = opt(None, "fine-tuning data: [text|jsonl|alpaca:]PATH", required=True)
@@ -269,10 +285,13 @@ class LosaConfig(CommonConfig):
                                        "keeping them (fine-tuning memory of big models and long sequences)")
 
     def validate(self) -> "LosaConfig":
+        if self.allocation is None:
+            self.allocation = "uniform" if self.nm else "rmi"
         check_fields(self)
         o = self.option_name
-        if self.sparsity is None:
-            raise LosaZeroError(f"missing required option {o('sparsity')}")
+        check_sparsity_or_nm(self)
+        if self.nm is not None:
+            self.sparsity = nm_sparsity(self.nm)
         if not self.rank_start <= self.lora_max_rank or not self.rank_end <= self.lora_max_rank:
             raise LosaZeroError(f"{o('rank_start')}/{o('rank_end')} must be in [1, {o('lora_max_rank')}="
                                 f"{self.lora_max_rank}]")

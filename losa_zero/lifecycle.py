@@ -21,18 +21,19 @@ import torch
 from torch import nn
 
 from . import __version__
-from .allocation import band_delta, mixed_nm_allocation
+from .allocation import band_delta
 from .allocators import Allocation, get_allocator
 from .backend import LocalBackend
 from .compressed import compressor_for
 from .blockwise import CalibrationInputs, sequential_prune
-from .config import CommonConfig, LosaConfig, PruneConfig, nm_patterns
+from .config import CommonConfig, LosaConfig, PruneConfig
 from .data import PAD_ID, calibration_windows, finetune_examples, load_eval_text, parse_source
 from .errors import LosaZeroError
 from .evaluate import eval_token_ids, perplexity
 from .finetune import MetricsWriter
 from .losa import Losa, attach_adapters, dense_targets, merge_and_unwrap
-from .modeling import decoder_layers, layer_linears, target_names
+from .modeling import decoder_layers, target_names
+from .nm import check_nm_fits, mixed_patterns, parse_nm
 from .outputs import PhaseRecorder, atomic_output_dir, write_json_atomic
 from .pruners import SparsityTarget
 
@@ -160,26 +161,6 @@ class Lifecycle:
                           f"wrote {self.cfg.out}")
 
 
-def parse_nm(spec: str, n_layers: int) -> list[tuple[int, int]]:
-    """'2:4' for every layer, or one 'N:M' per layer, comma-separated (mixed N per layer)."""
-    out = nm_patterns(spec)
-    if len(out) == 1:
-        out = out * n_layers
-    if len(out) != n_layers:
-        raise LosaZeroError(f"--nm lists {len(out)} patterns for a model of {n_layers} layers: give one, or one per layer")
-    return out
-
-
-def check_nm_fits(model: nn.Module, patterns: list[tuple[int, int]]) -> None:
-    for l, layer in enumerate(decoder_layers(model)):
-        n, m = patterns[l]
-        for name, lin in layer_linears(layer).items():
-            if lin.in_features % m:
-                raise LosaZeroError(
-                    f"N:M {n}:{m} needs input width divisible by {m}; {name} of layer {l} has {lin.in_features} "
-                    "inputs: use 2:4 or unstructured")
-
-
 class PruneRun(Lifecycle):
     """One-shot magnitude / Wanda / SparseGPT pruning, block by block (``losa-zero prune``)."""
 
@@ -204,10 +185,7 @@ class PruneRun(Lifecycle):
                 # Mixed N:M (docs/method.md section 7): one N:M given, N per layer from the
                 # allocator's importance, mean N exactly the given one.
                 importance, redundancy = allocator.importance(model, calib, runtime)
-                n, m = patterns[0]
-                ns = mixed_nm_allocation(importance, n, m, n_min=min(n, max(1, n - cfg.nm_spread)),
-                                         n_max=max(n, min(m - 1, n + cfg.nm_spread)))
-                patterns = [(k, m) for k in ns]
+                patterns = mixed_patterns(importance, patterns[0], cfg.nm_spread)
                 check_nm_fits(model, patterns)
                 allocation = Allocation([1 - n / m for n, m in patterns], importance, redundancy)
             elif patterns:
@@ -294,7 +272,7 @@ class LosaRun(Lifecycle):
         cfg = self.cfg
         return {
             "method": "losa", "pruner": cfg.pruner, "allocation": cfg.allocation,
-            "rank_allocation": cfg.rank_allocation, "target_sparsity": cfg.sparsity, "nm": None,
+            "rank_allocation": cfg.rank_allocation, "target_sparsity": cfg.sparsity, "nm": cfg.nm,
             "per_layer": [dict(layer) for layer in self.history[-1]["layers"]],
             "steps": self.history,
             "optimizer": self.trainer.optimizer_choice.record(),

@@ -22,6 +22,7 @@ from .errors import LosaZeroError
 from .finetune import MetricsWriter, train_adapters
 from .lora import SparseLoRALinear, unwrap_linear, wrap_linear
 from .modeling import decoder_layers, layer_linears, target_names
+from .nm import NMSteps, check_nm_fits
 from .outputs import PhaseRecorder
 from .pruners import SparsityTarget
 from .runtime import Runtime
@@ -104,6 +105,9 @@ class LosaState:
     # The step in progress once it is pruned (rates, errors, ranks...) and its fine-tuning
     # position, so a checkpoint taken during fine-tuning resumes there; None between steps.
     pending: dict | None = None
+    # With --nm: every layer's final [n, m], fixed at step 1 (a mixed N comes from that
+    # step's importance); None before step 1 and without --nm.
+    nm_patterns: list[list[int]] | None = None
 
 
 def attach_adapters(model: nn.Module, cfg: LosaConfig, runtime: Runtime) -> None:
@@ -157,6 +161,12 @@ class Losa:
         self.thetas = cubic_schedule(cfg.sparsity, cfg.steps)
         self.mean_ranks = mean_rank_schedule(cfg.steps, cfg.rank_start, cfg.rank_end)
         self.n_layers = len(decoder_layers(model))
+        #: step targets toward N:M patterns (None: unstructured rates)
+        self.nm = None
+        if cfg.nm:
+            self.nm = NMSteps(cfg.nm, self.n_layers, cfg.steps, cfg.nm_schedule, mixed=self.allocator.mixed_nm
+                              and cfg.allocation != "uniform", spread=cfg.nm_spread)
+            check_nm_fits(model, self.nm.given)
         self.state = LosaState()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -177,8 +187,28 @@ class Losa:
     def layer_rates(self, theta: float, delta: float) -> Allocation:
         """The layers' rates for this step at mean target Θ^t from the ``--allocation``
         allocator (RMI, sections 2-3, by default), measured on the current model, whose
-        effective weights are the merged ones."""
-        return self.allocator.allocate(self.model, self.calib, self.runtime, theta, delta)
+        effective weights are the merged ones. With --nm, each layer's target on its way to
+        its N:M pattern instead; a mixed N per layer is chosen once, at step 1, from the
+        allocator's importance on the dense model (section 7)."""
+        if self.nm is None:
+            return self.allocator.allocate(self.model, self.calib, self.runtime, theta, delta)
+        importance = redundancy = None
+        if self.state.nm_patterns is None:
+            patterns = self.nm.initial_patterns()
+            if patterns is None:
+                importance, redundancy = self.allocator.importance(self.model, self.calib, self.runtime)
+                patterns = self.nm.choose(importance)
+                check_nm_fits(self.model, patterns)
+            self.state.nm_patterns = [list(p) for p in patterns]
+        t = self.state.step + 1
+        names = target_names(self.model)
+        targets = [self.nm_target(t, l) for l in range(self.n_layers)]
+        return Allocation([tg.rate for tg in targets], importance, redundancy,
+                          targets=[{name: tg for name in names} for tg in targets])
+
+    def nm_target(self, t: int, l: int) -> SparsityTarget:
+        """Layer ``l``'s target at step ``t`` with --nm (see :class:`~losa_zero.nm.NMSteps`)."""
+        return self.nm.target(t, tuple(self.state.nm_patterns[l]))
 
     def prune_step(self, allocation: Allocation) -> tuple[list, list[float]]:
         """Merge, prune each layer on the merged weight to the allocation's rates (or its
@@ -273,6 +303,11 @@ class Losa:
             "train_loss": train["train_loss"], "first_loss": train["first_loss"], "opt_steps": train["opt_steps"],
             "examples": train["examples"], "tokens_per_s": train["tokens_per_s"], "seconds": step_seconds,
         }
+        if self.nm is not None:
+            record["nm_schedule"] = cfg.nm_schedule
+            for l, row in enumerate(record["layers"]):
+                row["nm"] = "{}:{}".format(*self.state.nm_patterns[l])
+                row["step_target"] = self.nm_target(t, l).describe()
         self.state.history.append(record)
         self.state.step = t
         self.state.data_position += k
