@@ -167,8 +167,9 @@ class Runtime:
     def progress(self, iterable, **kwargs):
         """A tqdm bar on rank 0 only. In a non-interactive log (CI, a SLURM output file) a
         bar appears only for loops longer than 30 s and refreshes every 30 s, instead of
-        flooding the file; the per-step log lines carry the rest."""
-        if not self.is_main:
+        flooding the file; the per-step log lines carry the rest. None with ``-q`` (the
+        ``losa_zero`` logger above INFO)."""
+        if not self.is_main or not logging.getLogger("losa_zero").isEnabledFor(logging.INFO):
             return iterable
         from tqdm.auto import tqdm
 

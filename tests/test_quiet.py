@@ -37,3 +37,23 @@ def test_losa_zero_train_filters_the_collective_future_warnings(tmp_path, capsys
                       FutureWarning)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_quiet_means_no_progress_bar_however_long_the_loop(capsys):
+    """The bars are the runtime's: with the ``losa_zero`` logger at WARNING (what ``-q``
+    sets) a loop gets no bar even past the 30 s a non-interactive log waits for."""
+    import logging
+
+    from losa_zero.runtime import Runtime
+
+    logger = logging.getLogger("losa_zero")
+    old = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        items = [1, 2, 3]
+        assert Runtime("cpu").progress(items, desc="x", delay=0) is items
+        logger.setLevel(logging.INFO)
+        bar = Runtime("cpu").progress(items, desc="x", delay=0, mininterval=0)
+        assert list(bar) == items and bar is not items
+    finally:
+        logger.setLevel(old)
