@@ -3,6 +3,7 @@ the functions are sourced into bash with the variables a GPU or CPU job would ha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,9 +34,15 @@ PY
 '''
 
 
+#: what the job's environment is checked for: a job starts without them unless ``env`` sets
+#: them (the test process may have them, e.g. DS_ACCELERATOR from an in-process CLI run)
+CHECKED = ("PYTORCH_CUDA_ALLOC_CONF", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "DS_ACCELERATOR")
+
+
 def job(env: dict, body: str = DUMP) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in CHECKED}
     r = subprocess.run(["bash", "-c", PRELUDE + "\n".join(f"export {k}={v}" for k, v in env.items()) + "\n" + body,
-                        "job", str(REPO)], capture_output=True, text=True, timeout=120)
+                        "job", str(REPO)], capture_output=True, text=True, timeout=120, env=base)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
