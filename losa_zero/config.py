@@ -172,11 +172,17 @@ class CommonConfig(Options):
         return get_pruner(name, **{k: getattr(self, k) for k in PRUNERS[name].options if hasattr(self, k)})
 
     def validate(self) -> "CommonConfig":
+        """Every field on its own (:func:`check_fields`), then the command's combinations of
+        fields (:meth:`check_combinations`), then what needs the machine (device, model)."""
         check_fields(self)
+        self.check_combinations()
         check_device(self.device)
         parse_size(self.export_shard_size)
         check_model_dir(self.model)
         return self
+
+    def check_combinations(self) -> None:
+        """Checks and defaults that involve several fields (none here)."""
 
     def input_paths(self) -> list[tuple[str, str | Path]]:
         """What the run reads, as (option, path): ``--out`` may not be, hold or lie in any."""
@@ -236,10 +242,8 @@ class PruneConfig(CommonConfig):
                           "row/linear rates; with one --nm N:M, rmi or owl choose a mixed N per layer",
                           tuple(ALLOCATORS))
 
-    def validate(self) -> "PruneConfig":
-        check_fields(self)
+    def check_combinations(self) -> None:
         check_sparsity_or_nm(self)
-        return super().validate()
 
 
 @dataclass
@@ -284,10 +288,9 @@ class LosaConfig(CommonConfig):
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of "
                                        "keeping them (fine-tuning memory of big models and long sequences)")
 
-    def validate(self) -> "LosaConfig":
+    def check_combinations(self) -> None:
         if self.allocation is None:
             self.allocation = "uniform" if self.nm else "rmi"
-        check_fields(self)
         o = self.option_name
         check_sparsity_or_nm(self)
         if self.nm is not None:
@@ -297,7 +300,6 @@ class LosaConfig(CommonConfig):
                                 f"{self.lora_max_rank}]")
         if self.batch_size % self.micro_batch_size:
             raise LosaZeroError(f"{o('batch_size')} must be a multiple of {o('micro_batch_size')}")
-        return super().validate()
 
     def input_paths(self) -> list[tuple[str, str | Path]]:
         from .data import split_source

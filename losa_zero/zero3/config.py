@@ -31,10 +31,10 @@ class ZeroRunConfig(LosaConfig):
         """Run configs are YAML files and key=value overrides: messages name the key."""
         return field_name
 
-    def validate(self) -> "ZeroRunConfig":
+    def check_combinations(self) -> None:
+        super().check_combinations()
         if self.resume not in ("auto", "auto_or_fresh", "never") and not Path(self.resume).is_dir():
             raise LosaZeroError(f"resume={self.resume}: use auto, auto_or_fresh, never or an existing checkpoint folder")
-        return super().validate()
 
     def input_paths(self) -> list[tuple[str, str | Path]]:
         return super().input_paths() + [("checkpoint_dir", self.checkpoint_path)]
