@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import LosaZeroError
 from .allocators import ALLOCATORS, mixed_nm_allocators
 from .modeling import DTYPES
@@ -24,6 +22,7 @@ from .outputs import check_writable_file
 from .pruners import PRUNERS
 from .runtime import check_device
 from .shards import parse_size
+from .yaml_layers import load_yaml
 
 #: how LoSA's steps reach an N:M pattern (losa_zero.nm.NMSteps)
 NM_SCHEDULES = ("capped", "patterns", "project")
@@ -371,19 +370,6 @@ def config_from_args(cls, args: argparse.Namespace):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     layers.append(given)
     return build_config(cls, *layers)
-
-
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise LosaZeroError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise LosaZeroError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise LosaZeroError(f"config file {p} must hold a mapping of option: value")
-    return data
 
 
 def build_config(cls, *layers: dict):

@@ -17,18 +17,16 @@ from pathlib import Path
 import yaml
 
 from .errors import LosaZeroError
+from .yaml_layers import load_yaml
+from .yaml_layers import parse_overrides as parse_train_overrides
 
 
 def parse_overrides(items: list[str]) -> dict:
     """``key=value`` overrides as the train entry point reads them, keys with underscores."""
-    from .train_command import parse_overrides as parse
-
-    return {key.replace("-", "_"): value for key, value in parse(items).items()}
+    return {key.replace("-", "_"): value for key, value in parse_train_overrides(items).items()}
 
 
 def merge(layers: list[str], overrides: list[str]) -> dict:
-    from .config import load_yaml
-
     cfg: dict = {}
     for layer in layers:
         if layer:
@@ -61,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
             write_config(argv[1], layers, rest)
             return 0
         if argv[:1] == ["get"] and len(argv) in (3, 4):
-            from .config import load_yaml
-
             value = load_yaml(argv[1]).get(argv[2])
             if value is None:
                 if len(argv) == 4:

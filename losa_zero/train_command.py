@@ -15,32 +15,11 @@ import os
 import shlex
 import sys
 
-from .config import build_config, load_yaml
+from .config import build_config
 from .errors import LosaZeroError
+from .yaml_layers import USAGE, load_yaml, parse_overrides
 
 log = logging.getLogger("losa_zero")
-
-USAGE = "usage: losa-zero train CONFIG.yaml [key=value ...]"
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``key=value`` strings as a mapping; values are parsed as YAML scalars (numbers, true...)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise LosaZeroError(f"expected key=value, got {item!r} ({USAGE})")
-        key, value = item.split("=", 1)
-        key = key.strip().lstrip("-")
-        if not key:
-            raise LosaZeroError(f"empty key in {item!r} ({USAGE})")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            parsed = value
-        out[key] = value if isinstance(parsed, (dict, list)) and key != "ppl" else parsed
-    return out
 
 
 def build_run_config(config_file: str, overrides: list[str]):
