@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CHARS = 200_000  # held-out TinyStories prefix, as in the demo and fixtures.md
+SHORT_EVAL_CHARS = 20_000  # its head, for tests comparing runs with each other (short_eval_txt)
 
 
 def data_root() -> Path:
@@ -44,3 +45,14 @@ def tinystories_split(data_dir, tmp_path_factory) -> tuple[Path, Path]:
     (d / "eval.txt").write_text(text[:EVAL_CHARS], encoding="utf-8")
     (d / "train.txt").write_text(text[EVAL_CHARS:], encoding="utf-8")
     return d / "eval.txt", d / "train.txt"
+
+
+@pytest.fixture(scope="session")
+def short_eval_txt(tinystories_split, tmp_path_factory) -> Path:
+    """The first SHORT_EVAL_CHARS of the held-out text, also named eval.txt (summaries key
+    perplexities by file name): enough windows for tests that compare two runs' perplexities
+    with each other (1 vs 2 ranks, resumed vs uninterrupted), which do not need the full
+    held-out split that quality tests measure on, and a fraction of its evaluation time."""
+    d = tmp_path_factory.mktemp("tinystories_short")
+    (d / "eval.txt").write_text(tinystories_split[0].read_text(encoding="utf-8")[:SHORT_EVAL_CHARS], encoding="utf-8")
+    return d / "eval.txt"

@@ -64,8 +64,9 @@ def _strip_measured(value):
 
 
 @pytest.fixture(scope="module")
-def runs(stories_model_dir, tinystories_split, tmp_path_factory):
-    eval_txt, train_txt = tinystories_split
+def runs(stories_model_dir, tinystories_split, short_eval_txt, tmp_path_factory):
+    _, train_txt = tinystories_split
+    eval_txt = short_eval_txt  # the commands' perplexities are compared with each other only
     tmp = tmp_path_factory.mktemp("lifecycle")
     settings = {
         "model": str(stories_model_dir), "calib": str(train_txt), "train": str(train_txt), "ppl": str(eval_txt),
