@@ -11,13 +11,15 @@ and the rest) and adds only those three (plus the hub client and tokenizers they
     python bench/ct_reference.py --create          # one-off, about a minute
     VENV/bin/python bench/ct_reference.py load DIR OUT.safetensors
     VENV/bin/python bench/ct_reference.py llmc-save DENSE_DIR OUT_DIR
+    VENV/bin/python bench/ct_reference.py load DIR OUT llmc-save DENSE_DIR OUT_DIR ...   # several, in order
 
 ``load`` is plain ``AutoModelForCausalLM.from_pretrained(DIR)`` (the library decompresses),
 saving the loaded state dict; ``llmc-save`` saves a dense sparse model the way
 llm-compressor does (its ``save_pretrained`` wrapper, with the sparsity config its own
 metadata helper infers: ``sparse-24-bitmask`` for 2:4; for other sparsity, which
 llm-compressor would save dense, the same inferred config with the ``sparse-bitmask``
-format). tests/test_compressed_reference.py uses it when the virtualenv exists.
+format). Command number i prints ``result i: `` and what it did (how it loaded, the format
+it saved). tests/test_compressed.py uses it when the virtualenv exists.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def create() -> Path:
     return py
 
 
-def load(model_dir: str, out: str) -> None:
+def load(model_dir: str, out: str) -> str:
     """sparse-24-bitmask: plain ``from_pretrained``. sparse-bitmask: the library's own
     decompressor (``ModelCompressor.from_pretrained(DIR)``, then its sparsity compressor's
     ``decompress``), because compressed-tensors 0.14 fails inside ``from_pretrained`` on that
@@ -73,10 +75,10 @@ def load(model_dir: str, out: str) -> None:
         state = {k: v.contiguous() for k, v in compressor.sparsity_compressor.decompress(model_dir)}
         how = "ModelCompressor.from_pretrained(...).sparsity_compressor.decompress"
     save_file(state, out)
-    print(how)
+    return how
 
 
-def llmc_save(dense_dir: str, out: str) -> None:
+def llmc_save(dense_dir: str, out: str) -> str:
     from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
     from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
     from llmcompressor.transformers.compression.sparsity_metadata_config import SparsityConfigMetadata
@@ -91,15 +93,18 @@ def llmc_save(dense_dir: str, out: str) -> None:
     model.save_pretrained(out, sparsity_config=config, save_compressed=True)
     for f in Path(dense_dir).glob("tokenizer*"):  # written by transformers 5: copied, not re-read by 4.57
         shutil.copy2(f, Path(out) / f.name)
-    print(config.format)
+    return config.format
 
+
+COMMANDS = {"load": load, "llmc-save": llmc_save}
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--create"]:
+    args = sys.argv[1:]
+    if args == ["--create"]:
         print(create())
-    elif sys.argv[1] == "load":
-        load(*sys.argv[2:4])
-    elif sys.argv[1] == "llmc-save":
-        llmc_save(*sys.argv[2:4])
+    elif args and len(args) % 3 == 0 and all(c in COMMANDS for c in args[::3]):
+        # several commands in one process (the tests): the libraries are imported once
+        for i in range(0, len(args), 3):
+            print(f"result {i // 3}: {COMMANDS[args[i]](*args[i + 1:i + 3])}", flush=True)
     else:
         raise SystemExit(__doc__)

@@ -254,25 +254,38 @@ def _reference_python():
     return py
 
 
-def _reference(py, *args) -> str:
+def _tag(key: str) -> str:
+    return key.replace(":", "").replace("%", "")
+
+
+@pytest.fixture(scope="module")
+def reference_runs(pruned_dirs, compressed_dirs):
+    """Every command of the reference stack in one process (its libraries take longer to
+    import than the commands take): ``load`` of our 2:4 and 70% folders, ``llmc-save`` of
+    the dense 2:4 and 70% exports. Returns {(command, key): (printed line, output path)}."""
     import os
 
+    py = _reference_python()
+    jobs = [("load", key, compressed_dirs[key], pruned_dirs["tmp"] / f"reference-{_tag(key)}.safetensors")
+            for key in ("2:4", "70%")]
+    jobs += [("llmc-save", key, pruned_dirs[key], pruned_dirs["tmp"] / f"llmc-{_tag(key)}") for key in ("2:4", "70%")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([str(py), str(REPO / "bench" / "ct_reference.py"), *map(str, args)], capture_output=True,
+    args = [str(a) for command, _, src, out in jobs for a in (command, src, out)]
+    res = subprocess.run([str(py), str(REPO / "bench" / "ct_reference.py"), *args], capture_output=True,
                          text=True, timeout=900, env=env, cwd="/")
     assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout.strip().splitlines()[-1]
+    printed = dict(line.split(": ", 1) for line in res.stdout.splitlines() if line.startswith("result "))
+    assert len(printed) == len(jobs), res.stdout[-3000:]
+    return {(command, key): (printed[f"result {i}"], out) for i, (command, key, _, out) in enumerate(jobs)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["2:4", "70%"])
-def test_reference_library_decompresses_our_export(pruned_dirs, compressed_dirs, key):
+def test_reference_library_decompresses_our_export(pruned_dirs, reference_runs, key):
     """transformers 4.57 + compressed-tensors 0.14 read our folder back to the dense export,
     bit for bit: 2:4 through plain ``AutoModelForCausalLM.from_pretrained``, sparse-bitmask
     through the library's decompressor (its from_pretrained path fails on that format)."""
-    py = _reference_python()
-    out = pruned_dirs["tmp"] / f"reference-{key.replace(':', '').replace('%', '')}.safetensors"
-    how = _reference(py, "load", compressed_dirs[key], out)
+    how, out = reference_runs[("load", key)]
     assert how.startswith("AutoModelForCausalLM" if key == "2:4" else "ModelCompressor")
     got, dense = load_file(str(out)), load_file(str(pruned_dirs[key] / "model.safetensors"))
     assert got.keys() == dense.keys()
@@ -282,14 +295,13 @@ def test_reference_library_decompresses_our_export(pruned_dirs, compressed_dirs,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key,fmt", [("2:4", BITMASK_24), ("70%", BITMASK)])
-def test_llm_compressor_saved_model_loads(pruned_dirs, key, fmt):
+def test_llm_compressor_saved_model_loads(pruned_dirs, reference_runs, key, fmt):
     """A folder saved by llm-compressor 0.10 itself loads through losa-zero's loader with the
     weights it was given."""
     from losa_zero.modeling import load_model
 
-    py = _reference_python()
-    out = pruned_dirs["tmp"] / f"llmc-{key.replace(':', '').replace('%', '')}"
-    assert _reference(py, "llmc-save", pruned_dirs[key], out) == fmt
+    printed, out = reference_runs[("llmc-save", key)]
+    assert printed == fmt
     assert sparsity_config(out)["format"] == fmt
     model, _ = load_model(out, dtype=torch.bfloat16)
     dense = load_file(str(pruned_dirs[key] / "model.safetensors"))
