@@ -1,9 +1,10 @@
 """One-shot pruning time and memory of this tree against an earlier commit, side by side.
 
 Runs the pruning worker of ``oneshot_vs_llmcompressor.py`` (capture_inputs +
-sequential_prune, the prune phase of ``losa-zero prune``) once with this tree's
-``losa_zero`` and once with the ``losa_zero`` of ``--baseline`` (a git revision, exported
-to the work directory), alternating which goes first, on the same model and calibration
+sequential_prune, the prune phase of ``losa-zero prune``) once from this tree and once from
+``--baseline`` (a git revision, exported to the work directory), each tree with its own
+worker script and its own ``losa_zero`` (a worker calls the package's functions with that
+revision's signatures), alternating which goes first, on the same model and calibration
 tensor; prints medians and ratios and appends them to BENCHMARKS.md. It also checks that
 both trees produce the same pruned weights (bit for bit), which is what a speed-up that
 must not change the masks has to show.
@@ -23,7 +24,7 @@ from common import REPO, append_benchmark, machine_header, make_random_llama, ma
 from common import parse_result, run_measured, this_command  # noqa: E402
 from oneshot_vs_llmcompressor import BATCH_SIZE, BLOCKSIZE, PERCDAMP, SETTINGS, prepare_data  # noqa: E402
 
-WORKER = Path(__file__).resolve().parent / "oneshot_vs_llmcompressor.py"
+WORKER = Path("bench") / "oneshot_vs_llmcompressor.py"  # inside each tree
 MIB = 2 ** 20
 
 
@@ -41,10 +42,13 @@ def export_tree(rev: str, dest: Path) -> Path:
 def run_tree(src: Path, job: dict, threads: int | None) -> dict:
     import json
 
+    worker = src / WORKER
+    if not worker.is_file():
+        raise SystemExit(f"error: {worker} does not exist: the baseline revision must have the benchmark worker")
     env = {"PYTHONPATH": str(src), "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    r = run_measured([sys.executable, str(WORKER), "--worker", json.dumps(job)], env=env, cwd=src, timeout=3600)
+    r = run_measured([sys.executable, str(worker), "--worker", json.dumps(job)], env=env, cwd=src, timeout=3600)
     res = parse_result(r["stdout"])
     res["wall_s"] = r["wall_s"]
     return res

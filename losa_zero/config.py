@@ -328,7 +328,8 @@ class EvalConfig(Options):
     limit: int | None = opt(None, "at most this many items per zero-shot task", range=AT_LEAST_1)
     tasks_data: str | None = opt(None, "folder of the zero-shot JSONL files (default: $LOSA_ZERO_DATA/lm-eval-slices)")
     batch_size: int = opt(8, "zero-shot requests per forward", range=AT_LEAST_1)
-    dtype: str = opt("float32", "weight dtype", tuple(DTYPES))
+    dtype: str = opt("auto", "weight dtype (auto: bfloat16 when evaluating on a GPU, float32 on CPU)",
+                     ("auto", *DTYPES))
     device: str = opt("auto", "torch device (auto: cuda if available)")
     json: str | None = opt(None, "write the results to this JSON file")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import EvalConfig
 from .data import load_eval_text, parse_source
 from .evaluate import perplexity
-from .modeling import load_model
+from .modeling import load_model, resolve_dtype
 from .outputs import write_json_atomic
 from .runtime import Runtime, resolve_device
 
@@ -20,11 +20,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         check_tasks(cfg.tasks, cfg.tasks_data)
     texts = {spec: load_eval_text(spec) for spec in cfg.ppl}
     runtime = Runtime(resolve_device(cfg.device))
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, runtime.device)
+    model, tokenizer = load_model(cfg.model, dtype=dtype)
     model.to(runtime.device).eval()
     achieved, _ = runtime.sparsity_report(model)
-    result: dict = {"model": str(cfg.model), "sparsity": achieved, "perplexity": {}}
-    print(f"model {cfg.model}: sparsity of the target linears {achieved:.4f}")
+    result: dict = {"model": str(cfg.model), "dtype": dtype, "sparsity": achieved, "perplexity": {}}
+    print(f"model {cfg.model} ({dtype}): sparsity of the target linears {achieved:.4f}")
     for spec, text in texts.items():
         name = parse_source(spec)[1].name
         r = perplexity(model, tokenizer, text, runtime, seqlen=cfg.seqlen)

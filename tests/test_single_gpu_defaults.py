@@ -103,3 +103,30 @@ def test_the_local_backend_resolves_auto_for_the_device_it_runs_on(device, expec
     cfg = SimpleNamespace(device=device, dtype="float32")
     LocalBackend(cfg)
     assert cfg.dtype == "float32"
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", "float32"), ("cuda", "bfloat16")])
+def test_eval_loads_in_the_dtype_auto_gives_for_its_device(device, expected, stories_model_dir, monkeypatch):
+    """``losa-zero eval`` defaults to ``auto`` like the other commands: a 7B model scored on a
+    GPU loads in bf16 (half the memory), on CPU in fp32. The load is stopped right there."""
+    from losa_zero import eval_command
+    from losa_zero.config import EvalConfig
+
+    assert EvalConfig.__dataclass_fields__["dtype"].default == "auto"
+    loaded = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, dtype):
+        loaded.append(dtype)
+        raise Loaded
+
+    monkeypatch.setattr(eval_command, "load_model", fake_load)
+    monkeypatch.setattr(eval_command, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(eval_command, "Runtime", lambda dev: SimpleNamespace(device=torch.device(dev)))
+    cfg = EvalConfig(model=str(stories_model_dir), ppl=[], tasks=["boolq"])
+    monkeypatch.setattr("losa_zero.zeroshot.check_tasks", lambda *a, **k: None)
+    with pytest.raises(Loaded):
+        eval_command.run_eval(cfg)
+    assert loaded == [expected]
