@@ -175,9 +175,10 @@ class SparseGPTPruner(Pruner):
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             width = i2 - i1
-            w1 = w[:, i1:i2].clone()
-            q1 = torch.zeros_like(w1)
-            err1 = torch.zeros_like(w1)
+            # The block transposed (one row per input column, contiguous): every step below
+            # reads and updates whole rows of it.
+            w1 = w[:, i1:i2].t().contiguous()
+            err1 = torch.empty_like(w1)
             u1 = u[i1:i2, i1:i2]
             d = u1.diagonal()
             prev1 = None if prev_keep is None else prev_keep[:, i1:i2]
@@ -185,7 +186,7 @@ class SparseGPTPruner(Pruner):
                 prev_here = torch.zeros_like(row_counts) if prev1 is None else (~prev1).sum(1)
                 k_new = ((new_rows * i2 + cols // 2) // cols - new_so_far).clamp_min(0)
                 k_new = torch.minimum(k_new, width - prev_here)
-                keep1 = row_counts_keep(w1.square() / d.square()[None, :], prev_here + k_new, prev1)
+                keep1 = row_counts_keep(w1.t().square() / d.square()[None, :], prev_here + k_new, prev1)
                 new_so_far += k_new
             elif nm is None:
                 # Unstructured: select jointly over the block by OBS saliency w^2 / [H^-1]_ii^2.
@@ -196,7 +197,7 @@ class SparseGPTPruner(Pruner):
                     # and a block that already lost more (prev_keep) lets later blocks prune
                     # less, so the layer stays as close to its rate as possible (§5.3).
                     k = count_to_prune(target.rate, rows * i2) - pruned_so_far
-                sal = w1.square() / d.square()[None, :]
+                sal = w1.t().square() / d.square()[None, :]
                 if target.toward is not None:
                     # A step toward N:M: only the m - n lowest of every group may go.
                     allowed = nm_candidates(sal, target.toward[0], target.toward[1], prev1)
@@ -205,25 +206,28 @@ class SparseGPTPruner(Pruner):
                 keep1 = lowest_k_keep(sal, k, prev1)
                 pruned_so_far += int((~keep1).sum())
             else:
-                keep1 = torch.ones_like(w1, dtype=torch.bool)
+                keep1 = torch.ones(rows, width, dtype=torch.bool, device=weight.device)
+            keep1t = keep1.t().contiguous()
             for i in range(width):
                 if nm is not None and i % nm[1] == 0:
                     # N:M: choose each group on the weights as updated so far (by the columns
                     # before it), which is what makes SparseGPT's N:M masks adaptive.
                     g = slice(i, i + nm[1])
-                    sal = w1[:, g].square() / d[g].square()[None, :]
-                    keep1[:, g] = nm_keep(sal, nm[0], nm[1], None if prev1 is None else prev1[:, g])
-                col = w1[:, i]
-                q = col.masked_fill(~keep1[:, i], 0.0)
-                q1[:, i] = q
-                e = (col - q) / d[i]
-                # A rank-1 matmul (k = 1: each entry is one exact product, the same values as
-                # the broadcast multiply) runs 2-3x faster than the broadcast on CPU.
-                w1[:, i:].sub_(e.unsqueeze(1) @ u1[i, i:].unsqueeze(0))
-                err1[:, i] = e
-            w[:, i1:i2] = q1
+                    sal = w1[g].t().square() / d[g].square()[None, :]
+                    group_keep = nm_keep(sal, nm[0], nm[1], None if prev1 is None else prev1[:, g])
+                    keep1[:, g] = group_keep
+                    keep1t[g] = group_keep.t()
+                # Column i's error (w - q) / [H^-1]_ii with q = w where kept, 0 where pruned:
+                # exactly w / d on pruned weights and +0 on kept ones. Column i itself is final
+                # from here on (it becomes q), so only the columns after it are updated.
+                torch.div(w1[i].masked_fill(keep1t[i], 0.0), d[i], out=err1[i])
+                if i + 1 < width:
+                    # A rank-1 matmul (k = 1: each entry is one exact product, the same values as
+                    # the broadcast multiply) runs 2-3x faster than the broadcast on CPU.
+                    w1[i + 1:].sub_(u1[i, i + 1:].unsqueeze(1) @ err1[i].unsqueeze(0))
+            w[:, i1:i2] = w1.t().masked_fill(~keep1, 0.0)
             keep[:, i1:i2] = keep1
             if i2 < cols:
-                w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
+                w[:, i2:].sub_(err1.t().contiguous() @ u[i1:i2, i2:])  # the layout the product always had
         w.masked_fill_(~keep, 0.0)  # exact zeros (they are already; guards -0.0/rounding)
         return w, keep
