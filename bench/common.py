@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from losa_zero.outputs import cpu_model  # noqa: F401 - re-exported for the bench scripts
-
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
@@ -73,6 +71,8 @@ def versions(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def machine_header(device: str | None = None, extra_versions: dict[str, str] | None = None) -> str:
     """One Markdown line: date, device, cores, memory, versions, commit."""
+    from losa_zero.outputs import cpu_model  # here, not at import: llm-compressor's worker has no losa_zero
+
     dev = device or f"CPU {cpu_model()}, {os.cpu_count()} cores, {total_memory_gib():.0f} GiB"
     vers = ", ".join(f"{k} {v}" for k, v in versions(extra_versions).items())
     return (f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC · {dev} · {vers} · "
