@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=[], help="a row label to run (repeatable; default: all)")
     ap.add_argument("--samples-scale", type=float, default=1.0,
                     help="scale the fine-tuning samples of every LoSA / LoRA row (the README's rows: 1)")
+    ap.add_argument("--seed", type=int, default=0, help="the runs' --seed (calibration windows, data order, LoRA init)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def main() -> None:
     for key in ("samples_per_step", "final_step_samples"):
         recipe[key] = max(1, round(recipe[key] * args.samples_scale))
     common = {"model": str(dense), "calib": str(work / "train.txt"), "ppl": [str(work / "eval.txt")],
-              "seqlen": 512, "nsamples": recipe["nsamples"], "overwrite": True}
+              "seqlen": 512, "nsamples": recipe["nsamples"], "overwrite": True, "seed": args.seed}
     total = (recipe["steps"] - 1) * recipe["samples_per_step"] + recipe["final_step_samples"]
     runs = [("dense", None, None)]
     for method in ("magnitude", "wanda", "sparsegpt"):
@@ -69,7 +70,14 @@ def main() -> None:
             ("2 steps, both 2:4 (the baseline's masks), error ranks", 2, sps, {}),
             ("2 steps, both 2:4 (the baseline's masks), uniform rank 10", 2, sps, uniform10),
             ("3 steps (3:4, 2:4, 2:4), uniform rank 10", 3, sps // 2, uniform10),
-            ("5 steps --nm-schedule capped, uniform rank 10", 5, sps // 4, {**uniform10, "nm_schedule": "capped"})):
+            ("5 steps --nm-schedule capped, uniform rank 10", 5, sps // 4, {**uniform10, "nm_schedule": "capped"}),
+            ("2 steps --nm-schedule descend (3:4, 2:4), uniform rank 10", 2, sps, {**uniform10, "nm_schedule": "descend"}),
+            ("2 steps --nm-schedule descend (3:4, 2:4), uniform rank 10, --finetune-schedule continuous", 2, sps,
+             {**uniform10, "nm_schedule": "descend", "finetune_schedule": "continuous"}),
+            ("2 steps --nm-schedule descend (3:4, 2:4), uniform rank 10, --finetune-schedule continuous, "
+             "twice the 3:4 samples", 2, 2 * sps, {**uniform10, "nm_schedule": "descend", "finetune_schedule": "continuous"}),
+            ("2 steps --nm-schedule descend (3:4, 2:4), error ranks, --finetune-schedule continuous", 2, sps,
+             {"nm_schedule": "descend", "finetune_schedule": "continuous"})):
         runs.append((f"LoSA 2:4 (sparsegpt), {label}, final-heavy", LosaConfig,
                      {**recipe, **nm24, "pruner": "sparsegpt", "steps": steps, "samples_per_step": per_step,
                       "final_step_samples": total - (steps - 1) * per_step, **extra}))

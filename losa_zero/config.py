@@ -25,7 +25,8 @@ from .shards import parse_size
 from .yaml_layers import load_yaml
 
 #: how LoSA's steps reach an N:M pattern (losa_zero.nm.NMSteps)
-NM_SCHEDULES = ("capped", "patterns", "project")
+NM_SCHEDULES = ("capped", "descend", "patterns", "project")
+FINETUNE_SCHEDULES = ("per_step", "continuous")
 
 
 @dataclass(frozen=True)
@@ -256,9 +257,9 @@ class LosaConfig(CommonConfig):
                                  "uniform (the default), or rmi / owl choose a mixed N per layer at step 1",
                                  tuple(ALLOCATORS))
     nm_schedule: str = opt("patterns", "with --nm, how the steps reach the pattern: patterns (an N:M pattern every "
-                           "step, N falling with the schedule), capped (unstructured steps that never prune more than "
-                           "M-N of a group of M, exact N:M at the last) or project (unstructured steps, N:M at the "
-                           "last; ends sparser)", NM_SCHEDULES)
+                           "step, N falling with the schedule), descend (N falls by one per step from M-1, e.g. 3:4 "
+                           "then 2:4), capped (unstructured steps that never prune more than M-N of a group of M, "
+                           "exact N:M at the last) or project (unstructured steps, N:M at the last; ends sparser)", NM_SCHEDULES)
     delta: float | None = opt(None, "rate band half-width (default: released 0.01/0.02/0.03 by step target)",
                               range=FRACTION)
     train: str | None = opt(None, "fine-tuning data: [text|jsonl|alpaca:]PATH", required=True)
@@ -282,6 +283,9 @@ class LosaConfig(CommonConfig):
                                range=POSITIVE)
     warmup_ratio: float = opt(0.3, "linear warmup fraction of each step's schedule (released: 0.3)",
                               range=Range(0, 1))
+    finetune_schedule: str = opt("per_step", "per_step (released: a fresh optimizer and warmup/decay schedule at "
+                                 "every step) or continuous (one optimizer and one schedule over all steps' samples, "
+                                 "the steps' pruning in between)", FINETUNE_SCHEDULES)
     batch_size: int = opt(8, "effective batch size (released: 8 for 7B)", range=AT_LEAST_1)
     micro_batch_size: int = opt(8, "examples per forward; gradients accumulate up to --batch-size", range=AT_LEAST_1)
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in backward instead of "

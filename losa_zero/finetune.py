@@ -2,7 +2,8 @@
 
 The base weights are frozen; only ``lora_A`` / ``lora_B`` train. Each LoSA step starts a
 fresh optimizer and a fresh linear schedule with warmup, as the released code does (it
-builds a new trainer per step). Released hyperparameters (section 6): paged 8-bit AdamW,
+builds a new trainer per step); ``--finetune-schedule continuous`` instead runs the steps'
+passes as one optimizer run with one schedule (:func:`train_adapters`' ``schedule``). Released hyperparameters (section 6): paged 8-bit AdamW,
 lr 2e-4, weight decay 0.001, gradient clipping 0.3, 30% linear warmup, effective batch 8.
 """
 from __future__ import annotations
@@ -160,8 +161,11 @@ class LocalTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def end(self) -> None:
-        self.optimizer = None
+    def end(self, keep_optimizer: bool = False) -> None:
+        """``keep_optimizer``: the next step continues this optimizer (``--finetune-schedule
+        continuous``); otherwise its state is dropped (the pruning between steps needs no optimizer)."""
+        if not keep_optimizer:
+            self.optimizer = None
 
 
 def accumulate_batch(trainer, batch: list[dict], micro_batch_size: int, pad_id: int, device: torch.device,
@@ -210,6 +214,9 @@ def train_adapters(
     progress: dict | None = None,
     on_opt_step=None,
     seed: int = 0,
+    schedule: tuple[int, int] | None = None,
+    fresh_optimizer: bool = True,
+    keep_optimizer: bool = False,
 ) -> dict:
     """One LoSA step's fine-tuning pass over ``examples``; returns loss and throughput.
 
@@ -218,6 +225,11 @@ def train_adapters(
     their losses and tokens), updated in place; a run restored from a mid-step checkpoint
     passes it back and continues at the next optimizer step. ``on_opt_step(progress)`` runs
     after every optimizer step (periodic checkpoints).
+
+    ``schedule = (offset, total)`` places this pass inside one warmup/decay schedule of
+    ``total`` optimizer steps starting at step ``offset`` (``--finetune-schedule continuous``);
+    None: the pass has its own schedule. ``fresh_optimizer=False`` goes on with the trainer's
+    optimizer state; ``keep_optimizer`` keeps it at the end for the next pass.
     """
     if progress is None:
         progress = {}
@@ -226,8 +238,9 @@ def train_adapters(
     progress.setdefault("tokens", 0)
     progress.setdefault("seconds", 0.0)
     total = math.ceil(len(examples) / batch_size)
+    offset, schedule_total = schedule if schedule is not None else (0, total)
     was_training = model.training
-    trainer.begin(fresh=progress["opt_step"] == 0)
+    trainer.begin(fresh=progress["opt_step"] == 0 and fresh_optimizer)
     start = time.perf_counter() - progress["seconds"]
     bar = runtime.progress(range(progress["opt_step"], total), desc=f"finetune step {losa_step}", unit="opt-step",
                            initial=progress["opt_step"], total=total)
@@ -238,7 +251,7 @@ def train_adapters(
                                      lambda micro: micro_seed(seed, losa_step, opt_step, micro),
                                      where=f"LoSA step {losa_step}, optimizer step {opt_step + 1}")
         step_tokens = sum(len(e["input_ids"]) for e in batch)
-        step_lr = lr * linear_warmup_factor(opt_step, total, warmup_ratio)
+        step_lr = lr * linear_warmup_factor(offset + opt_step, schedule_total, warmup_ratio)
         try:
             trainer.step(step_lr)
         except RuntimeError as exc:  # torch: "value cannot be converted to type float without overflow"
@@ -257,7 +270,7 @@ def train_adapters(
             bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
         if on_opt_step is not None:
             on_opt_step(progress)
-    trainer.end()
+    trainer.end(keep_optimizer=keep_optimizer)
     model.train(was_training)
     seconds = time.perf_counter() - start
     losses = progress["losses"]

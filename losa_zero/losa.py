@@ -173,6 +173,30 @@ class Losa:
     def steps_examples(self, t: int) -> int:
         return self.cfg.final_step_samples if t == self.cfg.steps else self.cfg.samples_per_step
 
+    def opt_steps(self, t: int) -> int:
+        """Optimizer steps of step ``t``'s fine-tuning."""
+        return -(-self.steps_examples(t) // self.cfg.batch_size)
+
+    @property
+    def continuous(self) -> bool:
+        """``--finetune-schedule continuous``: one optimizer and one learning-rate schedule over
+        all steps (the released code restarts both at every step, method doc section 5 step 6)."""
+        return self.cfg.finetune_schedule == "continuous"
+
+    def finetune_schedule(self, t: int) -> tuple[int, int] | None:
+        """Where step ``t``'s fine-tuning sits in the run's one schedule (offset, total optimizer
+        steps) when continuous; None: its own schedule."""
+        if not self.continuous:
+            return None
+        return (sum(self.opt_steps(s) for s in range(1, t)),
+                sum(self.opt_steps(s) for s in range(1, self.cfg.steps + 1)))
+
+    def optimizer_in_flight(self) -> bool:
+        """Whether the optimizer state at this point belongs to the run (a checkpoint must hold
+        it): inside a step's fine-tuning, or, when continuous, once any step has trained."""
+        opt_step = self.state.pending["train"].get("opt_step", 0) if self.state.pending else 0
+        return opt_step > 0 or (self.continuous and self.state.step > 0)
+
     def set_ranks(self, ranks: list[int]) -> None:
         """Active LoRA rank of every layer (restoring a checkpoint)."""
         for l, layer in enumerate(decoder_layers(self.model)):
@@ -286,7 +310,9 @@ class Losa:
                 self.model, examples, self.trainer, pad_id=self.pad_id, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
                 batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, runtime=self.runtime,
                 metrics=self.metrics, losa_step=t, progress=p["train"],
-                on_opt_step=lambda progress: self._event("opt_step"), seed=cfg.seed)
+                on_opt_step=lambda progress: self._event("opt_step"), seed=cfg.seed,
+                schedule=self.finetune_schedule(t), fresh_optimizer=not (self.continuous and t > 1),
+                keep_optimizer=self.continuous and t < cfg.steps)
         self.model.eval()
         step_seconds["finetune"] = train["seconds"]
         pruned = sum(c[0] for c in p["pruned"])

@@ -5,11 +5,15 @@ steps reach a pattern.
 path (method doc section 7 only reports N:M results). LoSA prunes in T steps, and a weight
 it pruned never comes back, so the steps before the last must leave every group of M
 completable to exactly N survivors. :class:`NMSteps` decides each step's target per layer;
-``--nm-schedule`` names the three designs that were compared on the fixture (README,
-"LoSA to 2:4"; ``patterns``, the default, measured best):
+``--nm-schedule`` names the designs compared on the fixture (README, "LoSA to 2:4";
+``patterns``, the default, measured best of the first three with the released per-step
+fine-tuning):
 
 * ``patterns``: every step is an N:M pattern, N falling with the schedule (for 2:4 with
   M = 4 only 3:4 and 2:4 exist, so the steps are coarse).
+* ``descend``: every step is an N:M pattern, N falling by one per step from M - 1 until it
+  reaches N (for 2:4: 3:4, then 2:4). Unlike ``patterns`` no two steps share a pattern
+  while T <= M - N, so no step only restarts the fine-tuning on the same mask.
 * ``capped``: steps t < T prune unstructured (per row, like Wanda's comparison group) at
   the layer's cubic-schedule rate, but never more than M - N of any group; step T prunes
   exactly N:M. Every group still holds N survivors before the last step, so the final
@@ -96,4 +100,6 @@ class NMSteps:
         if self.schedule == "patterns":
             n_t = max(n, min(m, int(m * (1.0 - rate) + 0.5)))
             return SparsityTarget.nm_pattern(n_t, m)
+        if self.schedule == "descend":
+            return SparsityTarget.nm_pattern(max(n, m - t), m)
         return SparsityTarget.unstructured(rate)

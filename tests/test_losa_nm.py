@@ -28,6 +28,12 @@ def test_step_targets_per_schedule():
         [SparsityTarget.toward_nm(r, 2, 4) for r in rates[:-1]] + [SparsityTarget.nm_pattern(2, 4)])
     patterns = NMSteps("2:4", 3, 5, "patterns")
     assert [patterns.target(t, (2, 4)).nm for t in range(1, 6)] == [(3, 4), (2, 4), (2, 4), (2, 4), (2, 4)]
+    # descend: one weight fewer per group each step, then the final pattern stays
+    assert [NMSteps("2:4", 3, 2, "descend").target(t, (2, 4)).nm for t in (1, 2)] == [(3, 4), (2, 4)]
+    descend = NMSteps("2:4", 3, 4, "descend")
+    assert [descend.target(t, (2, 4)).nm for t in range(1, 5)] == [(3, 4), (2, 4), (2, 4), (2, 4)]
+    assert [descend.target(t, (1, 4)).nm for t in range(1, 5)] == [(3, 4), (2, 4), (1, 4), (1, 4)]
+    assert [descend.target(t, (3, 4)).nm for t in range(1, 5)] == [(3, 4)] * 4
     project = NMSteps("2:4", 3, 5, "project")
     assert [project.target(t, (2, 4)).describe() for t in (1, 5)] == [f"{100 * rates[0]:.2f}%", "2:4"]
     # a layer heading for 1:4 follows its own schedule toward 75%
@@ -182,3 +188,28 @@ def test_other_schedules_end_valid(schedule, stories_model_dir, tinystories_spli
         assert [st["layers"][0]["step_target"] for st in s["steps"]] == ["3:4", "2:4", "2:4"]
     else:
         assert s["achieved_sparsity"] > 0.5
+
+
+def test_losa_2_4_descend_continuous(stories_model_dir, tinystories_split, tmp_path):
+    """The measured best LoSA 2:4 recipe ("LoSA to 2:4" in the README): 3:4 then 2:4
+    (--nm-schedule descend), uniform ranks, one optimizer and learning-rate schedule over both
+    steps (--finetune-schedule continuous). Ends valid 2:4 in every linear; the learning rate
+    of the whole run is one warmup/decay schedule across the steps."""
+    from losa_zero.finetune import linear_warmup_factor
+
+    _, train_txt = tinystories_split
+    out = tmp_path / "descend"
+    args = _tiny(stories_model_dir, train_txt)
+    args[args.index("--steps") + 1] = "2"
+    assert main(["losa", *args, "--nm", "2:4", "--pruner", "sparsegpt", "--nm-schedule", "descend",
+                 "--finetune-schedule", "continuous", "--rank-allocation", "uniform", "--rank-start", "10",
+                 "--batch-size", "4", "--micro-batch-size", "4", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [st["layers"][0]["step_target"] for st in s["steps"]] == ["3:4", "2:4"]
+    assert [st["nm_schedule"] for st in s["steps"]] == ["descend"] * 2
+    assert [row["rank"] for st in s["steps"] for row in st["layers"]] == [10] * 10
+    assert [st["layers"][0]["sparsity"] for st in s["steps"]] == [0.25, 0.5]
+    assert nm_of_saved_model(out, _layer_patterns(s)) == 0.5 == s["achieved_sparsity"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["losa_step"] for r in rows] == [1, 1, 2, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * linear_warmup_factor(i, 4, 0.3) for i in range(4)])

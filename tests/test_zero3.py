@@ -362,17 +362,52 @@ def _exported(out: Path) -> dict:
     return tensors
 
 
+NM_EXTRA = {"optimizer": "adamw", "lora_dropout": 0.0, "nm": "2:4", "sparsity": None, "allocation": "rmi",
+            "pruner": "sparsegpt", "finetune_schedule": "continuous", "keep_checkpoints": 100}
+
+
 @pytest.fixture(scope="module")
 def nm_runs(zbase):
     """LoSA to a mixed N:4 (N per layer from RMI at step 1, SparseGPT, the default
-    --nm-schedule) on 1 rank and on 2 ranks (torchrun), torch AdamW, dropout 0."""
-    extra = {"optimizer": "adamw", "lora_dropout": 0.0, "nm": "2:4", "sparsity": None, "allocation": "rmi",
-             "pruner": "sparsegpt"}
-    cfg1, out1 = _config(zbase, "nm_w1", **extra)
+    --nm-schedule) on 1 rank and on 2 ranks (torchrun), torch AdamW, dropout 0, one optimizer
+    and learning-rate schedule over all steps (finetune_schedule continuous), every
+    checkpoint kept."""
+    cfg1, out1 = _config(zbase, "nm_w1", **NM_EXTRA)
     s1 = _run_ok(launch(cfg1, [], 1, zbase["tmp"], zbase["tmp"] / "nm_w1.log", out1, launcher="single"))
-    cfg2, out2 = _config(zbase, "nm_w2", **extra)
+    cfg2, out2 = _config(zbase, "nm_w2", **NM_EXTRA)
     s2 = _run_ok(launch(cfg2, [], 2, zbase["tmp"], zbase["tmp"] / "nm_w2.log", out2, launcher="torchrun"))
     return {"w1": (s1, out1), "w2": (s2, out2)}
+
+
+def test_nm_continuous_resumes_from_a_step_end_checkpoint(nm_runs, zbase):
+    """finetune_schedule continuous: the optimizer goes on across steps, so the checkpoint
+    after step 2 holds it; resumed from there (2 ranks) the run ends with the uninterrupted
+    model, and a resume at another world size is refused at once, saying what to do."""
+    import shutil
+
+    from losa_zero.zero3.checkpoint import list_complete
+
+    _, out_ref = nm_runs["w2"]
+    src = Path(f"{out_ref}.checkpoints")
+    step2 = [c for c in list_complete(src) if c.key == (2, 0)]
+    assert step2 and step2[0].has_optimizer and not step2[0].mid_step
+    cfg, out = _config(zbase, "nm_resumed", **NM_EXTRA)
+    dst = Path(f"{out}.checkpoints")
+    # the dense targets, metrics and only that checkpoint: the final one must be written again
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if d == str(src) and n.startswith("ckpt-")
+                                                        and n != step2[0].path.name])
+    ckpt = dst / step2[0].path.name
+    refused = launch(cfg, [f"resume={ckpt}"], 1, zbase["tmp"], zbase["tmp"] / "nm_refused.log", out,
+                     launcher="single")
+    assert refused.wait(120) == 2
+    err = [l for l in refused.text().splitlines() if l.startswith("losa-zero: error:")]
+    assert len(err) == 1 and "after LoSA step 2 of a finetune_schedule: continuous run" in err[0], refused.text()[-3000:]
+    assert "relaunch with 2 ranks" in err[0]
+    resumed = launch(cfg, [f"resume={ckpt}"], 2, zbase["tmp"], zbase["tmp"] / "nm_resumed.log", out,
+                     launcher="torchrun")
+    s = _run_ok(resumed)
+    assert s["resumed_from"] == [ckpt.name]
+    _assert_same_model(_final_checkpoint(out_ref), _final_checkpoint(out), tol=1e-6)
 
 
 def test_nm_two_ranks_match_one_rank_and_export_is_valid_nm(nm_runs):

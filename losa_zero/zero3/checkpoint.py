@@ -30,7 +30,9 @@ own slices out of the saved ones by arithmetic (:class:`ShardReader`), for weigh
 SparseGPT-updated), masks and LoRA factors alike. What cannot be re-sliced is the state of
 an 8-bit optimizer (its quantisation blocks follow the partition): a checkpoint taken in
 the middle of a LoSA step's fine-tuning resumes only at the same world size, while every
-step-end checkpoint (the optimizer restarts with each step anyway) resumes at any.
+step-end checkpoint (the optimizer restarts with each step anyway) resumes at any; with
+``finetune_schedule: continuous`` the optimizer goes on across steps, so its step-end
+checkpoints hold the optimizer too and resume at the same world size only.
 
 Every checkpoint writes its own copy of the frozen shards, also when the weights did not
 change since the previous one: two checkpoints sharing one (hard-linked) file would be one
@@ -117,6 +119,13 @@ class CheckpointInfo:
     def mid_step(self) -> bool:
         return self.meta["losa_state"].get("pending") is not None
 
+    @property
+    def has_optimizer(self) -> bool:
+        """Whether the checkpoint holds optimizer state (partitioned per rank): taken during a
+        step's fine-tuning, or after any step with ``finetune_schedule: continuous``."""
+        pending = self.meta["losa_state"].get("pending")
+        return bool(self.meta.get("optimizer", pending is not None and pending["train"].get("opt_step", 0) > 0))
+
 
 def examine(path: Path) -> tuple[CheckpointInfo | None, str | None]:
     """``(info, None)`` when ``path`` has a readable marker whose files all have their
@@ -195,14 +204,16 @@ def check_resumable(info: CheckpointInfo, cfg, world_size: int) -> None:
         raise LosaZeroError(
             f"checkpoint {info.path} was written with {k}={saved.get(k)!r} but this run has {k}={now.get(k)!r}: "
             "run with the checkpoint's settings, or choose a new checkpoint_dir (or resume=never)")
-    if info.mid_step and info.world_size != world_size:
-        earlier = [c for c in list_complete(info.path.parent) if not c.mid_step and c.key < info.key]
+    if (info.mid_step or info.has_optimizer) and info.world_size != world_size:
+        earlier = [c for c in list_complete(info.path.parent)
+                   if not c.mid_step and not c.has_optimizer and c.key < info.key]
         hint = (f"or resume from the last step-end checkpoint at {world_size} ranks with resume={earlier[-1].path}"
                 if earlier else "or restart with resume=never")
+        where = (f"in the middle of LoSA step {info.key[0] + 1}" if info.mid_step
+                 else f"after LoSA step {info.key[0]} of a finetune_schedule: continuous run")
         raise LosaZeroError(
-            f"checkpoint {info.path.name} was taken by {info.world_size} ranks in the middle of LoSA step "
-            f"{info.key[0] + 1} (its 8-bit optimizer state is partitioned per rank): relaunch with "
-            f"{info.world_size} ranks, {hint}")
+            f"checkpoint {info.path.name} was taken by {info.world_size} ranks {where} (its 8-bit optimizer state "
+            f"is partitioned per rank): relaunch with {info.world_size} ranks, {hint}")
 
 
 #: ``resume`` values that pick the newest intact checkpoint of ``checkpoint_dir``
@@ -499,7 +510,8 @@ class Checkpointer:
         for name, p in model.named_parameters():
             if is_zero_param(p) and p.requires_grad:
                 train["trainable"][name] = self.trainer.local_fp32(p)
-        if pending is not None and opt_step > 0:
+        with_optimizer = losa.optimizer_in_flight()
+        if with_optimizer:
             train["optimizer"] = self.trainer.optimizer_state()
         files[train_name] = save_atomic(train, path / train_name)
         del train
@@ -518,6 +530,7 @@ class Checkpointer:
                            for name, p in model.named_parameters() if is_zero_param(p)},
                 "masks": rt.masks.layout(),
                 "resumed_from": self.resumed_from,
+                "optimizer": with_optimizer,
             }
             all_files["meta.json"] = file_record(write_json_atomic(path / "meta.json", meta))
             write_json_atomic(path / MARKER, {"format": FORMAT, "key": [state.step, opt_step],
@@ -606,7 +619,7 @@ class Checkpointer:
                                                                  rt.rank)
             rt.masks.load_local_bits(name, bits)
         state = info.meta["losa_state"]
-        if info.mid_step and state["pending"]["train"].get("opt_step", 0) > 0:
+        if info.has_optimizer:
             self.trainer.load_optimizer_state(train.section(rt.rank, "optimizer"))
         rng = train.section(rt.rank, "rng") if info.world_size == rt.world_size else None
         if rng is not None:

@@ -203,7 +203,8 @@ class ZeroTrainer:
             group["lr"] = lr
         self.engine.step()
 
-    def end(self) -> None:
+    def end(self, keep_optimizer: bool = False) -> None:
+        # the state stays in the engine either way; the next begin(fresh=True) resets it
         self.engine.eval()
         self.hooks(False)
 
