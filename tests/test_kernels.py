@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from losa_zero.kernels import BitmaskLinear, pack_bitmask, unpack_bitmask
 from losa_zero.kernels import build as kbuild
-from losa_zero.kernels.layout import PAD_VALUES, unpack_bits
+from losa_zero.kernels.layout import PAD_VALUES, ROW_BLOCK, unpack_bits
 
 
 def _sparse_weight(out, cols, sparsity, dtype, seed=0):
@@ -27,19 +27,31 @@ def kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (16, 64), (33, 100)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (16, 64), (33, 100), (6, 9)])
 def test_pack_roundtrip(shape, dtype):
     w = _sparse_weight(*shape, 0.6, dtype)
     bw = pack_bitmask(w)
-    assert bw.mask.shape == (shape[0], -(-shape[1] // 8))
+    out, cols = shape
+    blocks, groups = -(-out // ROW_BLOCK), -(-cols // 8)
+    assert bw.mask.shape == (blocks, groups * ROW_BLOCK) and bw.out_features == out
     assert bw.nnz == int((w != 0).sum())
     assert bw.values.numel() == bw.nnz + PAD_VALUES and not bw.values[bw.nnz:].any()
-    assert torch.equal(unpack_bits(bw.mask)[:, : shape[1]], w != 0)
-    assert not unpack_bits(bw.mask)[:, shape[1]:].any()  # padding columns are empty
+    assert torch.equal(unpack_bits(bw)[:, :cols], w != 0)
+    assert not unpack_bits(bw)[:, cols:].any()  # padding columns are empty
     assert torch.equal(unpack_bitmask(bw), w)
-    for r in range(shape[0]):  # row offsets index each row's own nonzeros
-        lo, hi = bw.row_offsets[r], bw.row_offsets[r + 1]
-        assert torch.equal(bw.values[lo:hi], w[r][w[r] != 0])
+    # the layout order, written out independently: per block, per group of 8 columns, per row
+    wp = F.pad(w, (0, 8 * groups - cols, 0, ROW_BLOCK * blocks - out))
+    for b in range(blocks):
+        lo, hi = bw.block_offsets[b], bw.block_offsets[b + 1]
+        expect, mbytes = [], []
+        for k in range(groups):
+            for i in range(ROW_BLOCK):
+                seg = wp[ROW_BLOCK * b + i, 8 * k: 8 * k + 8]
+                expect.append(seg[seg != 0])
+                mbytes.append(sum(1 << j for j in range(8) if seg[j] != 0))
+        assert torch.equal(bw.values[lo:hi], torch.cat(expect))
+        assert bw.mask[b].tolist() == mbytes
+    assert not unpack_bits(bw)[out:].any()  # the padding rows of the last block are empty
 
 
 def test_pack_bytes_at_70_percent():
@@ -166,13 +178,19 @@ def test_large_batch_and_grad_take_the_dense_path(kernel):
 
 
 def test_kernel_rejects_bad_layout(kernel):
-    bw = pack_bitmask(_sparse_weight(4, 16, 0.5, torch.float32))
+    bw = pack_bitmask(_sparse_weight(6, 16, 0.5, torch.float32))
+    args = (bw.mask, bw.values, bw.block_offsets)
     with pytest.raises(RuntimeError, match="x has 8 columns"):
-        kernel.matmul(torch.zeros(1, 8), bw.mask, bw.values, bw.row_offsets)
+        kernel.matmul(torch.zeros(1, 8), *args, 6)
     with pytest.raises(RuntimeError, match="padding"):
-        kernel.matmul(torch.zeros(1, 16), bw.mask, bw.values[:-1], bw.row_offsets)
+        kernel.matmul(torch.zeros(1, 16), bw.mask, bw.values[:-1], bw.block_offsets, 6)
     with pytest.raises(RuntimeError, match="floating-point"):
-        kernel.matmul(torch.zeros(1, 16, dtype=torch.int32), bw.mask, bw.values, bw.row_offsets)
+        kernel.matmul(torch.zeros(1, 16, dtype=torch.int32), *args, 6)
+    for out in (4, 9):  # the mask's 2 row blocks hold 5 to 8 rows
+        with pytest.raises(RuntimeError, match="does not fit"):
+            kernel.matmul(torch.zeros(1, 16), *args, out)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernel.decompress(*args, 9, torch.float32)
 
 
 def test_no_compiler_falls_back_to_dense(monkeypatch, caplog):
@@ -262,7 +280,7 @@ _TRITON_CHECK = """
 import torch
 from losa_zero.kernels import pack_bitmask
 from losa_zero.kernels.gpu import triton_bitmask_matmul
-for out, cols, batch in [(5, 13, 1), (16, 300, 3), (9, 64, 8)]:
+for out, cols, batch in [(5, 13, 1), (16, 300, 3), (9, 64, 8), (6, 200, 2)]:
     g = torch.Generator().manual_seed(cols)
     w = torch.randn(out, cols, generator=g)
     w[torch.rand(out, cols, generator=g) < 0.7] = 0

@@ -2,19 +2,24 @@
 // binding (argument checks, instruction-set dispatch, threading); the row loop itself is in
 // bitmask_rows.h, compiled once per instruction set (bitmask_rows_{avx512,avx2,scalar}.cpp).
 //
-// Layout of a weight W [out, in] (built by losa_zero.kernels.layout.pack_bitmask):
-//   mask        uint8 [out, in_pad / 8]   bit j of byte k of row r  <=>  W[r, 8k + j] != 0
-//                                        (in_pad = in rounded up to a multiple of 8)
-//   values      [nnz + 16] of bf16, fp16 (stored as int16 bits) or fp32: the nonzeros of W
-//               in row-major order, followed by 16 zeros so that the vector loads of the
-//               row loop, which read a fixed width past the current position, stay in bounds
-//   row_offsets int64 [out + 1]           index in `values` of each row's first nonzero
+// Layout of a weight W [out, in] (built by losa_zero.kernels.layout.pack_bitmask), rows in
+// blocks of R = 4 (lz::kRowBlock), columns in groups of 8 (in_pad = in rounded up to 8):
+//   mask          uint8 [blocks, groups * R]   byte R*k + i of block b: bit j set  <=>
+//                                              W[R*b + i, 8k + j] != 0 (one 32-bit word per
+//                                              block and column group)
+//   values        [nnz + 16] of bf16, fp16 (stored as int16 bits) or fp32: the nonzeros in
+//                 the same order (block, column group, row, column), then 16 zeros so that
+//                 the vector loads of the row loop, which read a fixed width past the
+//                 current position, stay in bounds
+//   block_offsets int64 [blocks + 1]           index in `values` of each block's first nonzero
 //
 // Decode reads each weight once per token batch, so its speed is set by the bytes read:
-// at 70% sparsity in bf16 that is 0.3 (values) + 1/16 (mask) of the dense bytes.  The work
-// per 8 weights is: one mask byte, one load of the next packed values, one shuffle (AVX2:
-// a table-driven vpshufb that also widens bf16 to fp32; AVX-512: vexpandps under the mask)
-// that puts them into their lanes (zeros elsewhere), one FMA per token.
+// at 70% sparsity in bf16 that is 0.3 (values) + 1/16 (mask) of the dense bytes, read as
+// two sequential streams (mask words, values), which the hardware prefetchers follow.  The
+// work per 8 weights is: one shuffle (AVX2: a table-driven vpshufb that also widens bf16 to
+// fp32; AVX-512: vexpandps under the mask, two rows at once) that moves the next packed
+// values into their lanes (zeros elsewhere), one FMA per token; per 32 weights one mask
+// word and one x vector.
 //
 // The instruction set is chosen at run time, so one build runs on every x86-64 machine:
 // AVX-512F where the CPU and OS have it, else AVX2+FMA+F16C, else portable scalar code.
@@ -81,40 +86,42 @@ lz::RowsFn rows_fn(const std::string& isa) {
   return &lz::rows_scalar;
 }
 
-void check_layout(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_offsets) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.device().is_cpu(),
-              "bitmask_linear: mask must be a contiguous CPU uint8 [out, in_pad/8] tensor");
+void check_layout(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& block_offsets, int64_t out) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.device().is_cpu() &&
+                  mask.size(1) % lz::kRowBlock == 0,
+              "bitmask_linear: mask must be a contiguous CPU uint8 [blocks, in_pad/8 * 4] tensor");
+  TORCH_CHECK(out > lz::kRowBlock * (mask.size(0) - 1) && out <= lz::kRowBlock * mask.size(0),
+              "bitmask_linear: out_features ", out, " does not fit the mask's ", mask.size(0), " row blocks");
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && values.device().is_cpu(),
               "bitmask_linear: values must be a contiguous 1-D CPU tensor");
-  TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.scalar_type() == at::kLong && row_offsets.is_contiguous() &&
-                  row_offsets.numel() == mask.size(0) + 1,
-              "bitmask_linear: row_offsets must be a contiguous int64 [out + 1] tensor");
-  const int64_t nnz = row_offsets.data_ptr<int64_t>()[mask.size(0)];
+  TORCH_CHECK(block_offsets.dim() == 1 && block_offsets.scalar_type() == at::kLong && block_offsets.is_contiguous() &&
+                  block_offsets.numel() == mask.size(0) + 1,
+              "bitmask_linear: block_offsets must be a contiguous int64 [blocks + 1] tensor");
+  const int64_t nnz = block_offsets.data_ptr<int64_t>()[mask.size(0)];
   TORCH_CHECK(values.numel() >= nnz + 16, "bitmask_linear: values must hold the nonzeros plus 16 padding entries");
 }
 
-// Rows split into chunks of about equal nonzero count (row blocks of 4, the kernel's row
-// block), handed out to the threads one at a time: a thread that the OS pauses (shared
-// machines) delays one small chunk, not a fixed half of the layer.  Small products run on
-// the calling thread, where a parallel region would cost more than it saves.
-void run_rows(lz::RowsFn fn, const lz::RowsArgs& a, int64_t out) {
+// Row blocks split into chunks of about equal nonzero count, handed out to the threads one
+// at a time: a thread that the OS pauses (shared machines) delays one small chunk, not a
+// fixed half of the layer.  Small products run on the calling thread, where a parallel
+// region would cost more than it saves.
+void run_blocks(lz::RowsFn fn, const lz::RowsArgs& a, int64_t blocks) {
   constexpr int64_t kSerialBelow = 1 << 16;  // nonzeros x tokens
   constexpr int64_t kChunksPerThread = 4;
-  const int64_t* offs = a.row_offsets;
-  const int64_t nnz = offs[out];
+  const int64_t* offs = a.block_offsets;
+  const int64_t nnz = offs[blocks];
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads <= 1 || nnz * a.batch < kSerialBelow || out < 8) {
-    fn(a, 0, out);
+  if (threads <= 1 || nnz * a.batch < kSerialBelow || blocks < 2) {
+    fn(a, 0, blocks);
     return;
   }
-  const int64_t nchunks = std::min<int64_t>(threads * kChunksPerThread, out / 4);
-  std::vector<int64_t> bounds(nchunks + 1, out);
+  const int64_t nchunks = std::min<int64_t>(threads * kChunksPerThread, blocks);
+  std::vector<int64_t> bounds(nchunks + 1, blocks);
   bounds[0] = 0;
   for (int64_t c = 1; c < nchunks; ++c) {
     const int64_t target = nnz * c / nchunks;
-    int64_t row = std::lower_bound(offs, offs + out + 1, target) - offs;
-    row = std::max(bounds[c - 1], std::min<int64_t>(out, (row + 2) / 4 * 4));
-    bounds[c] = row;
+    const int64_t blk = std::lower_bound(offs, offs + blocks + 1, target) - offs;
+    bounds[c] = std::max(bounds[c - 1], std::min<int64_t>(blocks, blk));
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -125,49 +132,51 @@ void run_rows(lz::RowsFn fn, const lz::RowsArgs& a, int64_t out) {
 
 // y = x @ W^T (+ bias) for x [batch, in] of any float dtype (in <= in_pad); y in x's dtype.
 at::Tensor bitmask_matmul(const at::Tensor& x_in, const at::Tensor& mask, const at::Tensor& values,
-                          const at::Tensor& row_offsets, const c10::optional<at::Tensor>& bias) {
-  check_layout(mask, values, row_offsets);
+                          const at::Tensor& block_offsets, int64_t out, const c10::optional<at::Tensor>& bias) {
+  check_layout(mask, values, block_offsets, out);
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu() && at::isFloatingType(x_in.scalar_type()),
               "bitmask_linear: x must be a 2-D floating-point CPU tensor");
-  const int64_t out = mask.size(0), mbytes = mask.size(1), batch = x_in.size(0);
-  TORCH_CHECK(x_in.size(1) <= 8 * mbytes && x_in.size(1) > 8 * (mbytes - 1),
-              "bitmask_linear: x has ", x_in.size(1), " columns, the mask covers ", 8 * mbytes);
+  const int64_t blocks = mask.size(0), groups = mask.size(1) / lz::kRowBlock, batch = x_in.size(0);
+  TORCH_CHECK(x_in.size(1) <= 8 * groups && x_in.size(1) > 8 * (groups - 1),
+              "bitmask_linear: x has ", x_in.size(1), " columns, the mask covers ", 8 * groups);
   at::Tensor x = x_in.to(at::kFloat).contiguous();
-  if (x.size(1) != 8 * mbytes) x = at::constant_pad_nd(x, {0, 8 * mbytes - x.size(1)}, 0);
+  if (x.size(1) != 8 * groups) x = at::constant_pad_nd(x, {0, 8 * groups - x.size(1)}, 0);
   at::Tensor y = at::empty({batch, out}, x.options());
   if (batch > 0 && out > 0) {
-    const lz::RowsArgs args{x.data_ptr<float>(), 8 * mbytes, batch, mask.data_ptr<uint8_t>(), mbytes,
-                            values.data_ptr(), value_kind(values), row_offsets.data_ptr<int64_t>(),
-                            y.data_ptr<float>(), out};
-    run_rows(rows_fn(selected_isa()), args, out);
+    const lz::RowsArgs args{x.data_ptr<float>(), 8 * groups, batch, mask.data_ptr<uint8_t>(), groups,
+                            values.data_ptr(), value_kind(values), block_offsets.data_ptr<int64_t>(),
+                            y.data_ptr<float>(), out, out};
+    run_blocks(rows_fn(selected_isa()), args, blocks);
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
 }
 
 // The dense weight [out, in_pad] in `dtype`, for large batches (prefill) and for checks.
-at::Tensor bitmask_decompress(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_offsets,
-                              at::ScalarType dtype) {
-  check_layout(mask, values, row_offsets);
-  const int64_t out = mask.size(0), mbytes = mask.size(1);
-  at::Tensor w = at::zeros({out, 8 * mbytes}, values.options().dtype(dtype));
+at::Tensor bitmask_decompress(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& block_offsets,
+                              int64_t out, at::ScalarType dtype) {
+  check_layout(mask, values, block_offsets, out);
+  constexpr int64_t R = lz::kRowBlock;
+  const int64_t blocks = mask.size(0), groups = mask.size(1) / R;
+  at::Tensor w = at::zeros({out, 8 * groups}, values.options().dtype(dtype));
   at::Tensor v = values.to(dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bitmask_decompress", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* wp = w.data_ptr<scalar_t>();
     const uint8_t* mp = mask.data_ptr<uint8_t>();
-    const int64_t* op = row_offsets.data_ptr<int64_t>();
-    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t p = op[r];
-        scalar_t* wr = wp + r * 8 * mbytes;
-        const uint8_t* m = mp + r * mbytes;
-        for (int64_t k = 0; k < mbytes; ++k) {
-          uint32_t mk = m[k];
-          while (mk) {
-            const int j = __builtin_ctz(mk);
-            wr[8 * k + j] = vp[p++];
-            mk &= mk - 1;
+    const int64_t* op = block_offsets.data_ptr<int64_t>();
+    at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t p = op[b];
+        const uint8_t* m = mp + b * groups * R;
+        for (int64_t k = 0; k < groups; ++k) {
+          for (int64_t i = 0; i < R; ++i) {
+            uint32_t mk = m[R * k + i];
+            scalar_t* wr = wp + (R * b + i) * 8 * groups + 8 * k;  // only padding rows (no bits) lie past `out`
+            while (mk) {
+              wr[__builtin_ctz(mk)] = vp[p++];
+              mk &= mk - 1;
+            }
           }
         }
       }
@@ -180,7 +189,7 @@ at::Tensor bitmask_decompress(const at::Tensor& mask, const at::Tensor& values, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &bitmask_matmul, "y = x @ W^T (+ bias) for a bitmask-compressed W", py::arg("x"), py::arg("mask"),
-        py::arg("values"), py::arg("row_offsets"), py::arg("bias") = py::none());
+        py::arg("values"), py::arg("block_offsets"), py::arg("out_features"), py::arg("bias") = py::none());
   m.def("decompress", &bitmask_decompress, "dense W [out, in_pad] of a bitmask-compressed weight");
   m.def("isa", &selected_isa, "instruction set the kernels use on this CPU");
 }

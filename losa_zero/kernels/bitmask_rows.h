@@ -1,12 +1,15 @@
 // The row loop of the bitmask sparse linear, written once for every instruction set.
 //
-// Each instruction set is a "vector traits" class V with `lanes` fp32 lanes (8 for AVX2, 16
-// for AVX-512 and the portable scalar path) and a handful of primitives: load x, expand the
-// next packed values into the lanes whose mask bit is set (zeros elsewhere), FMA, horizontal
-// sum.  One step of the loop consumes `lanes / 8` mask bytes of each row; the loop itself
-// (row blocking, token tiling, tail, pointer walk) is the same template for all,
-// so a path the test machine cannot execute is the same code as the one it tests, with
-// different primitives.
+// Each instruction set is a "vector traits" class V whose vector holds `rows` rows x 8
+// columns in fp32 lanes (AVX2: 1 row, 8 lanes; AVX-512 and the portable scalar path: 2
+// rows, 16 lanes), with a handful of primitives: load 8 columns of x into every row's
+// lanes, expand the next packed values into the lanes whose mask bit is set (zeros
+// elsewhere), FMA, per-row horizontal sums.  In the layout the mask bytes of a block's
+// kRowBlock rows for one group of 8 columns are one 32-bit word and their values follow
+// each other, so `rows` consecutive rows are `8 * rows` consecutive mask bits and one
+// expand serves them all.  The loop (blocks, token tiling, pointer walk) is the same
+// template for all, so a path the test machine cannot execute is the same code as the one
+// it tests, with different primitives.
 //
 // A translation unit defines LZ_TARGET (the function attribute giving its instruction set)
 // and LZ_VEC (its traits class) before including this file, then instantiates lz_rows_impl
@@ -25,75 +28,88 @@
 
 namespace {
 
-// R rows x B tokens at once: each x vector loaded serves R rows, each expanded weight vector
-// serves B tokens, and the R*B accumulators are independent FMA chains.
-template <class V, lz::VKind K, int B, int R>
-LZ_TARGET void rows_rb(const lz::RowsArgs& a, const float* x, float* y, int64_t r0, int64_t r1) {
-  constexpr int L = V::lanes;
-  constexpr int MB = L / 8;  // mask bytes per step
-  const int64_t mbytes = a.mbytes, ldx = a.ldx, ldy = a.ldy;
-  const int64_t steps = mbytes / MB;  // full steps; an odd last byte (MB = 2) is the tail
-  const void* values = a.values;
-  constexpr int VS = V::template value_size<K>();
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) {
-    // per row: its mask bytes and a pointer to its next packed value, advanced by the
-    // number of set bits consumed
-    const uint8_t* m[R];
-    const char* v[R];
-    typename V::vec acc[R][B];
-    for (int i = 0; i < R; ++i) {
-      m[i] = a.mask + (r + i) * mbytes;
-      v[i] = static_cast<const char*>(values) + a.row_offsets[r + i] * VS;
-      for (int b = 0; b < B; ++b) acc[i][b] = V::zero();
-    }
-    for (int64_t s = 0; s < steps; ++s) {
-      const float* xk = x + L * s;
-      typename V::vec xv[B];
-#pragma GCC unroll 8
-      for (int b = 0; b < B; ++b) xv[b] = V::load(xk + b * ldx);
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const uint32_t mk = V::mask_bits(m[i] + MB * s);
-        const typename V::vec w = V::template expand<K>(v[i], mk);
-        v[i] += V::popcount(mk) * VS;
-#pragma GCC unroll 8
-        for (int b = 0; b < B; ++b) acc[i][b] = V::fma(w, xv[b], acc[i][b]);
-      }
-    }
-    if (MB * steps < mbytes) {  // one mask byte left: 8 columns, the lanes above them stay zero
-      const float* xk = x + L * steps;
-      for (int i = 0; i < R; ++i) {
-        const uint32_t mk = m[i][mbytes - 1];
-        const typename V::vec w = V::template expand<K>(v[i], mk);
-        for (int b = 0; b < B; ++b) acc[i][b] = V::fma(w, V::load8(xk + b * ldx), acc[i][b]);
-      }
-    }
-    for (int i = 0; i < R; ++i)
-      for (int b = 0; b < B; ++b) y[b * ldy + r + i] = V::hsum(acc[i][b]);
-  }
-  if constexpr (R > 1) {
-    if (r < r1) rows_rb<V, K, B, 1>(a, x, y, r, r1);
-  }
+// Vectors per block (kRowBlock rows, V::rows per vector) that one pass over the block
+// keeps in accumulators for B tokens: G*B accumulators, B x vectors and one weight vector
+// within the register file.
+template <class V, int B>
+constexpr int vectors_per_pass() {
+  constexpr int NV = lz::kRowBlock / V::rows;
+  int g = NV;
+  while (g > 1 && g * B + B + 1 > V::registers) g /= 2;
+  return g;
 }
 
-// Rows per block for B tokens: enough independent chains and x reuse, within 16 registers.
+// One pass over block `blk` for B tokens: its vectors G0 .. G0+G-1 (rows RW*G0 ..), then
+// the next pass (a compile-time recursion, so every shift and mask below is a constant).
+// Each x vector loaded serves G vectors of rows, each expanded weight vector serves B
+// tokens, the G*B accumulators are independent FMA chains.  A pass walks the block's mask
+// words and values sequentially; with fewer than all vectors per pass (many tokens) the
+// block is walked once per pass, the later passes from cache.
+template <class V, lz::VKind K, int B, int G, int G0>
+LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y, int64_t blk) {
+  constexpr int RW = V::rows;
+  constexpr int NV = lz::kRowBlock / RW;
+  constexpr int BITS = 8 * RW;  // mask bits per vector
+  constexpr uint32_t LOW = BITS == 32 ? 0xffffffffu : (1u << BITS) - 1;
+  constexpr int VS = V::template value_size<K>();
+  // x vectors stay in registers when they fit beside the accumulators, else each FMA loads its own
+  constexpr bool X_IN_REGS = G * B + B + 1 <= V::registers;
+  const int64_t groups = a.groups, ldx = a.ldx;
+  const uint8_t* m = a.mask + blk * groups * lz::kRowBlock;
+  const char* v = static_cast<const char*>(a.values) + a.block_offsets[blk] * VS;
+  typename V::vec acc[G][B];
+  for (int g = 0; g < G; ++g)
+    for (int b = 0; b < B; ++b) acc[g][b] = V::zero();
+  for (int64_t s = 0; s < groups; ++s) {
+    uint32_t word;
+    std::memcpy(&word, m + lz::kRowBlock * s, 4);
+    const float* xs = x + 8 * s;
+    typename V::vec xv[X_IN_REGS ? B : 1];
+    if constexpr (X_IN_REGS) {
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) xv[b] = V::load_x(xs + b * ldx);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const int gv = G0 + g;  // vector index in the block
+      const uint32_t bits = (word >> (BITS * gv)) & LOW;
+      const int64_t before = gv == 0 ? 0 : V::popcount(word & ((1u << (BITS * gv)) - 1));
+      const typename V::vec w = V::template expand<K>(v + before * VS, bits);
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) {
+        if constexpr (X_IN_REGS) acc[g][b] = V::fma(w, xv[b], acc[g][b]);
+        else acc[g][b] = V::fma(w, V::load_x(xs + b * ldx), acc[g][b]);
+      }
+    }
+    v += V::popcount(word) * VS;
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t r = lz::kRowBlock * blk + RW * (G0 + g);
+    for (int b = 0; b < B; ++b) {
+      float sums[RW];
+      V::hsum_rows(acc[g][b], sums);
+      for (int i = 0; i < RW; ++i)
+        if (r + i < a.out) y[b * a.ldy + r + i] = sums[i];
+    }
+  }
+  if constexpr (G0 + G < NV) block_pass<V, K, B, G, G0 + G>(a, x, y, blk);
+}
+
 template <class V, lz::VKind K, int B>
-LZ_TARGET void rows_b(const lz::RowsArgs& a, const float* x, float* y, int64_t r0, int64_t r1) {
-  constexpr int R = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
-  rows_rb<V, K, B, R>(a, x, y, r0, r1);
+LZ_TARGET void blocks_b(const lz::RowsArgs& a, const float* x, float* y, int64_t blk0, int64_t blk1) {
+  for (int64_t blk = blk0; blk < blk1; ++blk) block_pass<V, K, B, vectors_per_pass<V, B>(), 0>(a, x, y, blk);
 }
 
 template <class V, lz::VKind K>
-LZ_TARGET void rows_k(const lz::RowsArgs& a, int64_t r0, int64_t r1) {
-  // tiles of at most 8 tokens; each tile streams the rows once
+LZ_TARGET void rows_k(const lz::RowsArgs& a, int64_t blk0, int64_t blk1) {
+  // tiles of at most 8 tokens; each tile streams the blocks once
   for (int64_t b0 = 0; b0 < a.batch; b0 += 8) {
     const int64_t nb = a.batch - b0 < 8 ? a.batch - b0 : 8;
     const float* xb = a.x + b0 * a.ldx;
     float* yb = a.y + b0 * a.ldy;
     switch (nb) {
 #define LZ_CASE(N) \
-  case N: rows_b<V, K, N>(a, xb, yb, r0, r1); break;
+  case N: blocks_b<V, K, N>(a, xb, yb, blk0, blk1); break;
       LZ_CASE(1) LZ_CASE(2) LZ_CASE(3) LZ_CASE(4) LZ_CASE(5) LZ_CASE(6) LZ_CASE(7) LZ_CASE(8)
 #undef LZ_CASE
     }
@@ -101,11 +117,11 @@ LZ_TARGET void rows_k(const lz::RowsArgs& a, int64_t r0, int64_t r1) {
 }
 
 template <class V>
-LZ_TARGET void lz_rows_impl(const lz::RowsArgs& a, int64_t r0, int64_t r1) {
+LZ_TARGET void lz_rows_impl(const lz::RowsArgs& a, int64_t blk0, int64_t blk1) {
   switch (a.kind) {
-    case lz::VKind::BF16: rows_k<V, lz::VKind::BF16>(a, r0, r1); break;
-    case lz::VKind::FP16: rows_k<V, lz::VKind::FP16>(a, r0, r1); break;
-    case lz::VKind::FP32: rows_k<V, lz::VKind::FP32>(a, r0, r1); break;
+    case lz::VKind::BF16: rows_k<V, lz::VKind::BF16>(a, blk0, blk1); break;
+    case lz::VKind::FP16: rows_k<V, lz::VKind::FP16>(a, blk0, blk1); break;
+    case lz::VKind::FP32: rows_k<V, lz::VKind::FP32>(a, blk0, blk1); break;
   }
 }
 

@@ -1,4 +1,4 @@
-// AVX2 + FMA + F16C row kernel: 8 fp32 lanes, one mask byte per step.  Chosen at run time
+// AVX2 + FMA + F16C row kernel: one row per vector (8 fp32 lanes, one mask byte).  Chosen at run time
 // (bitmask_linear.cpp) only on CPUs that have these instructions.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -44,17 +44,16 @@ struct Tables {
 const Tables kTables;
 
 struct Avx2 {
-  static constexpr int lanes = 8;
+  static constexpr int rows = 1;        // rows per vector
+  static constexpr int registers = 16;  // ymm registers
   using vec = __m256;
   template <lz::VKind K>
   static constexpr int value_size() {
     return K == lz::VKind::FP32 ? 4 : 2;
   }
   LZ_TARGET static inline vec zero() { return _mm256_setzero_ps(); }
-  LZ_TARGET static inline vec load(const float* p) { return _mm256_loadu_ps(p); }
-  LZ_TARGET static inline vec load8(const float* p) { return _mm256_loadu_ps(p); }
-  LZ_TARGET static inline uint32_t mask_bits(const uint8_t* m) { return m[0]; }
-  LZ_TARGET static inline int popcount(uint32_t m) { return __builtin_popcount(m); }
+  LZ_TARGET static inline vec load_x(const float* p) { return _mm256_loadu_ps(p); }
+  LZ_TARGET static inline int64_t popcount(uint32_t m) { return __builtin_popcountll(m); }  // 64-bit: no sign extension in address arithmetic
   template <lz::VKind K>
   LZ_TARGET static inline vec expand(const void* v, uint32_t m) {
     if constexpr (K == lz::VKind::BF16) {
@@ -75,11 +74,11 @@ struct Avx2 {
     }
   }
   LZ_TARGET static inline vec fma(vec w, vec x, vec acc) { return _mm256_fmadd_ps(w, x, acc); }
-  LZ_TARGET static inline float hsum(vec v) {
+  LZ_TARGET static inline void hsum_rows(vec v, float* out) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    out[0] = _mm_cvtss_f32(s);
   }
 };
 
@@ -88,6 +87,6 @@ struct Avx2 {
 #include "bitmask_rows.h"
 
 namespace lz {
-void rows_avx2(const RowsArgs& a, int64_t r0, int64_t r1) { lz_rows_impl<Avx2>(a, r0, r1); }
+void rows_avx2(const RowsArgs& a, int64_t blk0, int64_t blk1) { lz_rows_impl<Avx2>(a, blk0, blk1); }
 }  // namespace lz
 #endif

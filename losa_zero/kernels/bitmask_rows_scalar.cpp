@@ -1,6 +1,7 @@
-// Portable row kernel (any CPU): 16 lanes of plain floats, the same loop and lane count as
-// the AVX-512 path, so the tests of this path also check that loop's 16-lane stepping and
-// its odd-mask-byte tail on machines without AVX-512.
+// Portable row kernel (any CPU): 16 lanes of plain floats holding two rows, the same
+// shape as the AVX-512 path, so the tests of this path also check that path's two-rows-per-
+// vector stepping on machines without AVX-512.  With 16 "registers" it also takes the
+// several-passes-per-block route at large batches that the AVX2 path takes.
 #include <cstdint>
 #include <cstring>
 
@@ -41,7 +42,8 @@ inline float fp16_to_float(uint16_t h) {
 }
 
 struct Scalar16 {
-  static constexpr int lanes = 16;
+  static constexpr int rows = 2;
+  static constexpr int registers = 16;
   struct vec {
     float v[16];
   };
@@ -54,18 +56,12 @@ struct Scalar16 {
     for (int j = 0; j < 16; ++j) r.v[j] = 0.f;
     return r;
   }
-  static vec load(const float* p) {
+  static vec load_x(const float* p) {  // 8 columns, in both rows' lanes
     vec r;
-    for (int j = 0; j < 16; ++j) r.v[j] = p[j];
+    for (int j = 0; j < 16; ++j) r.v[j] = p[j % 8];
     return r;
   }
-  static vec load8(const float* p) {
-    vec r = zero();
-    for (int j = 0; j < 8; ++j) r.v[j] = p[j];
-    return r;
-  }
-  static uint32_t mask_bits(const uint8_t* m) { return m[0] | (static_cast<uint32_t>(m[1]) << 8); }
-  static int popcount(uint32_t m) { return __builtin_popcount(m); }
+  static int64_t popcount(uint32_t m) { return __builtin_popcountll(m); }
   template <lz::VKind K>
   static float value(const void* values, int64_t i) {
     if constexpr (K == lz::VKind::BF16) return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
@@ -83,10 +79,12 @@ struct Scalar16 {
     for (int j = 0; j < 16; ++j) acc.v[j] += w.v[j] * x.v[j];
     return acc;
   }
-  static float hsum(const vec& a) {
-    float s = 0.f;
-    for (int j = 0; j < 16; ++j) s += a.v[j];
-    return s;
+  static void hsum_rows(const vec& a, float* out) {
+    for (int i = 0; i < 2; ++i) {
+      float s = 0.f;
+      for (int j = 0; j < 8; ++j) s += a.v[8 * i + j];
+      out[i] = s;
+    }
   }
 };
 
@@ -95,5 +93,5 @@ struct Scalar16 {
 #include "bitmask_rows.h"
 
 namespace lz {
-void rows_scalar(const RowsArgs& a, int64_t r0, int64_t r1) { lz_rows_impl<Scalar16>(a, r0, r1); }
+void rows_scalar(const RowsArgs& a, int64_t blk0, int64_t blk1) { lz_rows_impl<Scalar16>(a, blk0, blk1); }
 }  // namespace lz

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LosaZeroError
-from .layout import BitmaskWeight, pack_bitmask
+from .layout import ROW_BLOCK, BitmaskWeight, pack_bitmask
 
 try:  # triton comes with CUDA builds of torch; CPU machines may not have it
     import triton
@@ -33,30 +33,38 @@ def is_2to4(weight: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    def _bitmask_matvec(x_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, in_pad, mbytes, out_features,
-                               batch, BLOCK: tl.constexpr, BATCH: tl.constexpr):
-        """One program per output row: walk the row in BLOCK-column blocks, find each
-        nonzero's position in the packed values by a prefix count of the mask bits, and
-        accumulate against BATCH tokens at once."""
-        row = tl.program_id(0)
-        start = tl.load(offsets_ptr + row)
-        cols = tl.arange(0, BLOCK)
+    def _bitmask_matvec(x_ptr, mask_ptr, values_ptr, offsets_ptr, y_ptr, in_pad, out_features, batch,
+                        GROUPS: tl.constexpr, ROWS: tl.constexpr, BATCH: tl.constexpr):
+        """One program per block of ROWS rows: walk the block's mask bits in layout order
+        (column group, row, column), GROUPS groups of 8 columns at a time, find each
+        nonzero's position in the packed values by a prefix count of those bits, and
+        accumulate each row's products against BATCH tokens at once."""
+        blk = tl.program_id(0)
+        groups = in_pad // 8
+        f = tl.arange(0, 8 * ROWS * GROUPS)  # bit index in a chunk: group, row, column
+        grp = f // (8 * ROWS)
+        row = (f // 8) % ROWS
+        col = f % 8
         toks = tl.arange(0, BATCH)
-        acc = tl.zeros((BATCH,), dtype=tl.float32)
-        seen = start
-        for c0 in range(0, in_pad, BLOCK):
-            c = c0 + cols
-            inside = c < in_pad
-            byte = tl.load(mask_ptr + row * mbytes + c // 8, mask=inside, other=0).to(tl.int32)
-            bit = (byte >> (c % 8)) & 1
+        rows = tl.arange(0, ROWS)
+        pick = row[None, :] == rows[:, None]  # [ROWS, bits]: which bits belong to which row
+        acc = tl.zeros((BATCH, ROWS), dtype=tl.float32)
+        seen = tl.load(offsets_ptr + blk)
+        for k0 in range(0, groups, GROUPS):
+            k = k0 + grp
+            inside = k < groups
+            byte = tl.load(mask_ptr + (blk * groups + k) * ROWS + row, mask=inside, other=0).to(tl.int32)
+            bit = (byte >> col) & 1
             pos = seen + tl.cumsum(bit, axis=0) - bit
-            on = bit != 0
-            w = tl.load(values_ptr + pos, mask=on, other=0.0).to(tl.float32)
-            xt = tl.load(x_ptr + toks[:, None] * in_pad + c[None, :],
+            w = tl.load(values_ptr + pos, mask=bit != 0, other=0.0).to(tl.float32)
+            xt = tl.load(x_ptr + toks[:, None] * in_pad + (8 * k + col)[None, :],
                          mask=(toks[:, None] < batch) & inside[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(xt * w[None, :], axis=1)
+            prod = xt * w[None, :]  # [BATCH, bits]
+            acc += tl.sum(tl.where(pick[None, :, :], prod[:, None, :], 0.0), axis=2)
             seen += tl.sum(bit, axis=0)
-        tl.store(y_ptr + toks * out_features + row, acc, mask=toks < batch)
+        r = blk * ROWS + rows
+        tl.store(y_ptr + toks[:, None] * out_features + r[None, :], acc,
+                 mask=(toks[:, None] < batch) & (r[None, :] < out_features))
 
 
 _JIT: dict = {}
@@ -74,7 +82,8 @@ def _kernel():
 
 
 def triton_bitmask_matmul(x: torch.Tensor, packed: BitmaskWeight, block: int = 256) -> torch.Tensor:
-    """``x @ W^T`` (fp32 result) for x [batch <= 8, in] with W in the bitmask layout, by Triton."""
+    """``x @ W^T`` (fp32 result) for x [batch <= 8, in] with W in the bitmask layout, by Triton
+    (``block``: columns per step of a program, a power of two >= 8)."""
     if triton is None:
         raise LosaZeroError("triton is not installed: install torch for CUDA (which brings triton) to use the GPU path")
     batch = x.shape[0]
@@ -82,9 +91,9 @@ def triton_bitmask_matmul(x: torch.Tensor, packed: BitmaskWeight, block: int = 2
         raise ValueError(f"the Triton bitmask kernel is for decode batches of 1-8 tokens, got {batch}")
     xp = F.pad(x.float(), (0, packed.in_padded - packed.in_features)).contiguous()
     y = torch.empty(batch, packed.out_features, dtype=torch.float32, device=x.device)
-    _kernel()[(packed.out_features,)](
-        xp, packed.mask, packed.values, packed.row_offsets, y, packed.in_padded, packed.mask.shape[1],
-        packed.out_features, batch, BLOCK=block, BATCH=8)
+    _kernel()[(packed.mask.shape[0],)](
+        xp, packed.mask, packed.values, packed.block_offsets, y, packed.in_padded, packed.out_features, batch,
+        GROUPS=block // 8, ROWS=ROW_BLOCK, BATCH=8)
     return y
 
 
@@ -126,7 +135,7 @@ def run_gpu_bench(patterns=("50%", "70%", "2:4"), shapes=((4096, 4096), (11008, 
         for pattern in patterns:
             w = pattern_weight(out, cols, pattern, torch.bfloat16).to(dev)
             packed = pack_bitmask(w.cpu())
-            packed = BitmaskWeight(packed.mask.to(dev), packed.values.to(dev), packed.row_offsets.to(dev), cols)
+            packed = BitmaskWeight(packed.mask.to(dev), packed.values.to(dev), packed.block_offsets.to(dev), cols, out)
             ceiling = w.numel() * 2 / packed.nbytes()
             for b in batches:
                 x = torch.randn(b, cols, device=dev, dtype=torch.bfloat16)

@@ -28,7 +28,7 @@ class BitmaskLinear(nn.Module):
         self.dense_above = dense_above
         self.register_buffer("mask", packed.mask)
         self.register_buffer("values", packed.values)
-        self.register_buffer("row_offsets", packed.row_offsets)
+        self.register_buffer("block_offsets", packed.block_offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -39,11 +39,11 @@ class BitmaskLinear(nn.Module):
 
     @property
     def packed(self) -> BitmaskWeight:
-        return BitmaskWeight(self.mask, self.values, self.row_offsets, self.in_features)
+        return BitmaskWeight(self.mask, self.values, self.block_offsets, self.in_features, self.out_features)
 
     @property
     def nnz(self) -> int:
-        return int(self.row_offsets[-1])
+        return int(self.block_offsets[-1])
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight (decompressed now; not kept)."""
@@ -51,7 +51,7 @@ class BitmaskLinear(nn.Module):
         kernel = load_kernel()
         if kernel is None or self.values.device.type != "cpu":
             return unpack_bitmask(self.packed, dtype)
-        return kernel.decompress(self.mask, self.values, self.row_offsets, dtype)[:, : self.in_features]
+        return kernel.decompress(self.mask, self.values, self.block_offsets, self.out_features, dtype)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -60,7 +60,7 @@ class BitmaskLinear(nn.Module):
         if (kernel is None or x2.shape[0] > self.dense_above or x.device.type != "cpu"
                 or (x.requires_grad and torch.is_grad_enabled())):
             return F.linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = kernel.matmul(x2, self.mask, self.values, self.row_offsets, self.bias)
+        y = kernel.matmul(x2, self.mask, self.values, self.block_offsets, self.out_features, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
