@@ -43,8 +43,9 @@ RUN_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
-def zbase(stories_model_dir, tinystories_split, tmp_path_factory):
-    eval_txt, train_txt = tinystories_split
+def zbase(stories_model_dir, tinystories_split, short_eval_txt, tmp_path_factory):
+    _, train_txt = tinystories_split
+    eval_txt = short_eval_txt  # the runs' perplexities are compared with each other only
     tmp = tmp_path_factory.mktemp("zero3")
     cfg = {
         "model": str(stories_model_dir), "calib": str(train_txt), "train": str(train_txt), "ppl": str(eval_txt),
