@@ -21,6 +21,7 @@ all handled by ``lm_eval.simple_evaluate``; only the model calls are ours.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -420,12 +421,21 @@ def _task_specs(tasks: Sequence[str], data_dir) -> tuple[list[Any], list[str], b
     return specs, names, any(n not in LOCAL_TASKS for n in names)
 
 
+@functools.lru_cache(maxsize=1)
+def _registry():
+    """lm-eval's full task index, built once per process: indexing its task folder takes
+    many seconds, and a process may check and score tasks several times."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def _task_manager(names: list[str], need_registry: bool):
     from lm_eval.tasks import TaskManager
 
     if not need_registry:
         return TaskManager(include_defaults=False)
-    tm = TaskManager()
+    tm = _registry()
     known = set(tm.all_tasks)
     for n in names:
         if n not in LOCAL_TASKS and n not in known and not tm.match_tasks([n]):
