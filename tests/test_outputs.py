@@ -320,8 +320,12 @@ def test_leftovers_of_killed_runs(tmp_path, caplog):
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    # SIGINT back to its default in the child: a shell without job control starts background
+    # commands (`pytest ... &`, nohup) with SIGINT ignored, Python then keeps it ignored, and
+    # the interrupt these tests send would never arrive
     return subprocess.Popen([sys.executable, "-m", "losa_zero.cli", *argv], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_tmp(proc: subprocess.Popen, out: Path, timeout: float = 120.0) -> Path:
