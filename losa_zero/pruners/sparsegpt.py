@@ -223,7 +223,7 @@ class SparseGPTPruner(Pruner):
                 torch.div(w1[i].masked_fill(keep1t[i], 0.0), d[i], out=err1[i])
                 if i + 1 < width:
                     # A rank-1 matmul (k = 1: each entry is one exact product, the same values as
-                    # the broadcast multiply) runs 2-3x faster than the broadcast on CPU.
+                    # the broadcast multiply) is faster than the broadcast on CPU (BENCHMARKS.md).
                     w1[i + 1:].sub_(u1[i, i + 1:].unsqueeze(1) @ err1[i].unsqueeze(0))
             w[:, i1:i2] = w1.t().masked_fill(~keep1, 0.0)
             keep[:, i1:i2] = keep1
