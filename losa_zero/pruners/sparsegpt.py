@@ -214,9 +214,7 @@ class SparseGPTPruner(Pruner):
                     # before it), which is what makes SparseGPT's N:M masks adaptive.
                     g = slice(i, i + nm[1])
                     sal = w1[g].t().square() / d[g].square()[None, :]
-                    group_keep = nm_keep(sal, nm[0], nm[1], None if prev1 is None else prev1[:, g])
-                    keep1[:, g] = group_keep
-                    keep1t[g] = group_keep.t()
+                    keep1t[g] = nm_keep(sal, nm[0], nm[1], None if prev1 is None else prev1[:, g]).t()
                 # Column i's error (w - q) / [H^-1]_ii with q = w where kept, 0 where pruned:
                 # exactly w / d on pruned weights and +0 on kept ones. Column i itself is final
                 # from here on (it becomes q), so only the columns after it are updated.
@@ -225,6 +223,7 @@ class SparseGPTPruner(Pruner):
                     # A rank-1 matmul (k = 1: each entry is one exact product, the same values as
                     # the broadcast multiply) is faster than the broadcast on CPU (BENCHMARKS.md).
                     w1[i + 1:].sub_(u1[i, i + 1:].unsqueeze(1) @ err1[i].unsqueeze(0))
+            keep1 = keep1t.t()  # the N:M groups were chosen into keep1t
             w[:, i1:i2] = w1.t().masked_fill(~keep1, 0.0)
             keep[:, i1:i2] = keep1
             if i2 < cols:
