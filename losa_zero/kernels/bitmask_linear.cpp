@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "bitmask_rows_api.h"
+#include "sparsegpt_block.h"
 
 namespace {
 
@@ -192,4 +193,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("values"), py::arg("block_offsets"), py::arg("out_features"), py::arg("bias") = py::none());
   m.def("decompress", &bitmask_decompress, "dense W [out, in_pad] of a bitmask-compressed weight");
   m.def("isa", &selected_isa, "instruction set the kernels use on this CPU");
+  m.def("sparsegpt_block", &lz::sparsegpt_block, "SparseGPT's column loop over one block (sparsegpt_block.cpp)",
+        py::arg("w"), py::arg("u"), py::arg("keep"), py::arg("err"), py::arg("n"), py::arg("m"),
+        py::arg("prev") = py::none());
 }

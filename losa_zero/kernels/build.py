@@ -1,9 +1,11 @@
-"""Build (once per machine and torch version) and load the C++ bitmask kernel.
+"""Build (once per machine and torch version) and load losa-zero's C++ CPU kernels: the
+bitmask sparse linear and SparseGPT's column loop, one extension.
 
 The extension is compiled on first use with torch's cpp_extension into a cache folder
 (``$LOSA_ZERO_KERNEL_CACHE``, default ``~/.cache/losa-zero/kernels``); later processes load
 the built library. Where no C++ compiler is present (or the build fails) one line says so
-and :func:`load_kernel` returns ``None``: callers then keep the dense linears.
+and :func:`load_kernel` returns ``None``: callers then fall back to torch (sparse linears stay
+dense, SparseGPT runs its column loop as torch operations, with the same results).
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-# the torch binding, then the row loop compiled once per instruction set (chosen at run time)
+# the torch binding, the row loop compiled once per instruction set (chosen at run time), and
+# SparseGPT's column loop
 SOURCES = [HERE / f"bitmask_{name}.cpp" for name in ("linear", "rows_avx512", "rows_avx2", "rows_scalar")]
-HEADERS = [HERE / "bitmask_rows.h", HERE / "bitmask_rows_api.h"]
+SOURCES.append(HERE / "sparsegpt_block.cpp")
+HEADERS = [HERE / "bitmask_rows.h", HERE / "bitmask_rows_api.h", HERE / "sparsegpt_block.h"]
 _STATE: dict = {}
 
 
@@ -39,13 +43,15 @@ def _compiler() -> str | None:
 
 
 def load_kernel(verbose: bool = False):
-    """The compiled extension module (``matmul``, ``decompress``, ``isa``), or ``None``."""
+    """The compiled extension module (``matmul``, ``decompress``, ``isa``, ``sparsegpt_block``),
+    or ``None``."""
     if "module" in _STATE:
         return _STATE["module"]
     module = None
     if _compiler() is None:
-        log.warning("losa-zero: no C++ compiler found (c++ / g++; set CXX): sparse kernels disabled, "
-                    "linears stay dense; install one (e.g. apt-get install g++) to enable them")
+        log.warning("losa-zero: no C++ compiler found (c++ / g++; set CXX): compiled CPU kernels disabled "
+                    "(sparse linears stay dense, SparseGPT's column loop runs slower in torch); install one "
+                    "(e.g. apt-get install g++) to enable them")
     else:
         from torch.utils.cpp_extension import load
 
@@ -53,16 +59,18 @@ def load_kernel(verbose: bool = False):
         build.mkdir(parents=True, exist_ok=True)
         try:
             module = load(
-                name="losa_zero_bitmask_linear",
+                name="losa_zero_cpu_kernels",
                 sources=[str(p) for p in SOURCES],
                 build_directory=str(build),
-                extra_cflags=["-O3", "-fopenmp"],
+                # no fused multiply-add: the SparseGPT loop must round exactly as its torch twin
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 verbose=verbose,
             )
         except Exception as exc:  # a broken toolchain must not stop inference: fall back to dense
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.warning("losa-zero: building the sparse kernel in %s failed (%s): linears stay dense; "
+            log.warning("losa-zero: building the CPU kernels in %s failed (%s): linears stay dense, SparseGPT "
+                        "loops in torch; "
                         "rerun with LOSA_ZERO_KERNEL_VERBOSE=1 to see the compiler output", build, first)
             module = None
     _STATE["module"] = module

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LosaZeroError
+from ..kernels.build import load_kernel
 from .base import LinearStats, Pruner, SparsityTarget
 from .masks import count_to_prune, lowest_k_keep, nm_candidates, nm_keep, row_counts_keep
 
@@ -175,10 +176,7 @@ class SparseGPTPruner(Pruner):
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             width = i2 - i1
-            # The block transposed (one row per input column, contiguous): every step below
-            # reads and updates whole rows of it.
-            w1 = w[:, i1:i2].t().contiguous()
-            err1 = torch.empty_like(w1)
+            w1 = w[:, i1:i2]  # a view: the column loop updates the block in place
             u1 = u[i1:i2, i1:i2]
             d = u1.diagonal()
             prev1 = None if prev_keep is None else prev_keep[:, i1:i2]
@@ -186,7 +184,7 @@ class SparseGPTPruner(Pruner):
                 prev_here = torch.zeros_like(row_counts) if prev1 is None else (~prev1).sum(1)
                 k_new = ((new_rows * i2 + cols // 2) // cols - new_so_far).clamp_min(0)
                 k_new = torch.minimum(k_new, width - prev_here)
-                keep1 = row_counts_keep(w1.t().square() / d.square()[None, :], prev_here + k_new, prev1)
+                keep1 = row_counts_keep(w1.square() / d.square()[None, :], prev_here + k_new, prev1)
                 new_so_far += k_new
             elif nm is None:
                 # Unstructured: select jointly over the block by OBS saliency w^2 / [H^-1]_ii^2.
@@ -197,7 +195,7 @@ class SparseGPTPruner(Pruner):
                     # and a block that already lost more (prev_keep) lets later blocks prune
                     # less, so the layer stays as close to its rate as possible (§5.3).
                     k = count_to_prune(target.rate, rows * i2) - pruned_so_far
-                sal = w1.t().square() / d.square()[None, :]
+                sal = w1.square() / d.square()[None, :]
                 if target.toward is not None:
                     # A step toward N:M: only the m - n lowest of every group may go.
                     allowed = nm_candidates(sal, target.toward[0], target.toward[1], prev1)
@@ -207,26 +205,62 @@ class SparseGPTPruner(Pruner):
                 pruned_so_far += int((~keep1).sum())
             else:
                 keep1 = torch.ones(rows, width, dtype=torch.bool, device=weight.device)
-            keep1t = keep1.t().contiguous()
-            for i in range(width):
-                if nm is not None and i % nm[1] == 0:
-                    # N:M: choose each group on the weights as updated so far (by the columns
-                    # before it), which is what makes SparseGPT's N:M masks adaptive.
-                    g = slice(i, i + nm[1])
-                    sal = w1[g].t().square() / d[g].square()[None, :]
-                    keep1t[g] = nm_keep(sal, nm[0], nm[1], None if prev1 is None else prev1[:, g]).t()
-                # Column i's error (w - q) / [H^-1]_ii with q = w where kept, 0 where pruned:
-                # exactly w / d on pruned weights and +0 on kept ones. Column i itself is final
-                # from here on (it becomes q), so only the columns after it are updated.
-                torch.div(w1[i].masked_fill(keep1t[i], 0.0), d[i], out=err1[i])
-                if i + 1 < width:
-                    # A rank-1 matmul (k = 1: each entry is one exact product, the same values as
-                    # the broadcast multiply) is faster than the broadcast on CPU (BENCHMARKS.md).
-                    w1[i + 1:].sub_(u1[i, i + 1:].unsqueeze(1) @ err1[i].unsqueeze(0))
-            keep1 = keep1t.t()  # the N:M groups were chosen into keep1t
-            w[:, i1:i2] = w1.t().masked_fill(~keep1, 0.0)
+            err1 = torch.empty(rows, width, dtype=w.dtype, device=w.device)
+            column_loop(w1, u1, keep1, err1, nm, prev1)  # N:M: the groups are chosen into keep1
+            w1.masked_fill_(~keep1, 0.0)
             keep[:, i1:i2] = keep1
             if i2 < cols:
-                w[:, i2:].sub_(err1.t().contiguous() @ u[i1:i2, i2:])  # the layout the product always had
+                w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
         w.masked_fill_(~keep, 0.0)  # exact zeros (they are already; guards -0.0/rounding)
         return w, keep
+
+
+def column_loop(w1: Tensor, u1: Tensor, keep1: Tensor, err1: Tensor, nm: tuple[int, int] | None,
+                prev1: Tensor | None) -> None:
+    """SparseGPT's column loop over one block of columns, in place: ``w1`` [rows, width] (a
+    view of the weight) is updated, ``keep1`` is the block's keep mask (chosen beforehand;
+    for N:M chosen here, group by group), ``err1`` receives each column's error
+    (w - q) / [H^-1]_ii; ``u1`` is the block's [width, width] part of U.
+
+    On CPU the compiled loop (``losa_zero/kernels/sparsegpt_block.cpp``) runs it when the
+    kernels are built: the same operations with the same rounding, row by row, without a
+    tensor call per column. Elsewhere, or without a compiler, :func:`column_loop_torch`."""
+    kernel = load_kernel() if w1.device.type == "cpu" else None
+    if kernel is None:
+        column_loop_torch(w1, u1, keep1, err1, nm, prev1)
+        return
+    n, m = nm if nm is not None else (0, 0)
+    kernel.sparsegpt_block(w1, u1.contiguous(), keep1, err1, n, m, prev1)
+
+
+def column_loop_torch(w1: Tensor, u1: Tensor, keep1: Tensor, err1: Tensor, nm: tuple[int, int] | None,
+                      prev1: Tensor | None) -> None:
+    """:func:`column_loop` as torch operations (GPU, or CPU without the compiled kernels).
+
+    It works on the block transposed (one row per input column, contiguous), so that every
+    step reads and updates whole rows."""
+    wt = w1.t().contiguous()
+    keept = keep1.t().contiguous()
+    prevt = None if prev1 is None else prev1.t().contiguous()
+    errt = torch.empty_like(wt)
+    d = u1.diagonal()
+    width = wt.shape[0]
+    for i in range(width):
+        if nm is not None and i % nm[1] == 0:
+            # N:M: choose each group on the weights as updated so far (by the columns before
+            # it), which is what makes SparseGPT's N:M masks adaptive.
+            g = slice(i, i + nm[1])
+            sal = wt[g].t().square() / d[g].square()[None, :]
+            keept[g] = nm_keep(sal, nm[0], nm[1], None if prevt is None else prevt[g].t()).t()
+        # Column i's error (w - q) / [H^-1]_ii with q = w where kept, 0 where pruned: exactly
+        # w / d on pruned weights and +0 on kept ones. Column i itself is final from here on
+        # (it becomes q), so only the columns after it are updated.
+        torch.div(wt[i].masked_fill(keept[i], 0.0), d[i], out=errt[i])
+        if i + 1 < width:
+            # A rank-1 matmul (k = 1: each entry is one exact product, the same values as the
+            # broadcast multiply) is faster than the broadcast on CPU (BENCHMARKS.md). Not a fused
+            # multiply-add (addr_): torch rounds that once in its vector body and twice in the tail.
+            wt[i + 1:].sub_(u1[i, i + 1:].unsqueeze(1) @ errt[i].unsqueeze(0))
+    w1.copy_(wt.t())
+    keep1.copy_(keept.t())
+    err1.copy_(errt.t())
