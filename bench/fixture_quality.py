@@ -76,6 +76,8 @@ def main() -> None:
              {**uniform10, "nm_schedule": "descend", "finetune_schedule": "continuous"}),
             ("2 steps --nm-schedule descend (3:4, 2:4), uniform rank 10, --finetune-schedule continuous, "
              "twice the 3:4 samples", 2, 2 * sps, {**uniform10, "nm_schedule": "descend", "finetune_schedule": "continuous"}),
+            ("2 steps --nm-schedule descend (3:4, 2:4), uniform rank 10, --finetune-schedule continuous, "
+             "half the 3:4 samples", 2, sps // 2, {**uniform10, "nm_schedule": "descend", "finetune_schedule": "continuous"}),
             ("2 steps --nm-schedule descend (3:4, 2:4), error ranks, --finetune-schedule continuous", 2, sps,
              {"nm_schedule": "descend", "finetune_schedule": "continuous"})):
         runs.append((f"LoSA 2:4 (sparsegpt), {label}, final-heavy", LosaConfig,
