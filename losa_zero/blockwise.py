@@ -146,27 +146,53 @@ def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: 
     return torch.cat(outs, 0)
 
 
+class _InputsRecorded(Exception):
+    """Stops a statistics forward once every input group of the batch has been recorded."""
+
+
 @torch.no_grad()
 def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, runtime: Runtime, batch_size: int, *,
                         layer: int) -> dict:
     """Statistics of the inputs of the block's target linears, summed over all ranks, by
     linear name. Linears that read the same input (``modeling.input_groups``: q/k/v,
-    gate/up) share one statistics object, accumulated once from the group's first linear."""
+    gate/up) share one statistics object, accumulated once from the group's first linear.
+
+    Only the linears' inputs are needed, so where the runtime allows it
+    (``Runtime.stop_after_inputs``) each batch's forward stops as soon as the last group's
+    input is recorded: the last linear's product (down_proj's, in LLaMA) and what follows
+    it are never computed. The statistics are the same either way."""
     linears = layer_linears(block)
     stats: dict = {}
     handles = []
+    seen: set[int] = set()
+    recorded: list = []
+
+    def record(module, args, s, key):
+        s.add_batch(args[0].detach())
+        seen.add(key)
+        if runtime.stop_after_inputs and len(seen) == len(recorded):
+            raise _InputsRecorded
+
     for group in input_groups(block):
         first = linears[group[0]]
         s = runtime.new_stats(pruner, first.in_features)
         stats.update({name: s for name in group})
         if s is not None:
-            handles.append(first.register_forward_hook(lambda m, inp, out, s=s: s.add_batch(inp[0].detach())))
+            recorded.append(s)
+            handles.append(first.register_forward_pre_hook(
+                lambda m, args, s=s, key=len(recorded): record(m, args, s, key)))
     if set(stats) != set(linears):
         raise RuntimeError(f"input_groups does not cover the layer's linears: {sorted(set(linears) ^ set(stats))}")
     if not handles:
         return stats
+    kwargs = acts.layer_kwargs[layer]
     try:
-        forward_block(block, acts, batch_size, runtime.device, layer=layer)
+        for start in range(0, acts.hidden.shape[0], batch_size):
+            seen.clear()
+            try:
+                call_block(block, acts.hidden[start:start + batch_size].to(runtime.device), kwargs)
+            except _InputsRecorded:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -53,6 +53,10 @@ class Runtime:
 
     rank: int = 0
     world_size: int = 1
+    #: A statistics forward may stop once the last input it needs is recorded
+    #: (blockwise.collect_input_stats). Not under ZeRO-3, whose module hooks follow the order
+    #: in which submodules run and would see a forward cut short.
+    stop_after_inputs: bool = True
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)

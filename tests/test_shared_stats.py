@@ -140,3 +140,27 @@ def test_selection_equals_stable_sort_with_ties(trial):
         ref &= prev
     assert torch.equal(nm_keep(score, 2, m, prev), ref)
 
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_statistics_forward_stops_after_the_last_input(method, monkeypatch):
+    """A statistics forward stops once every input group of the batch is recorded: the
+    block's last linear (down_proj) never computes its product, and the statistics equal
+    those of the whole forward (what the ZeRO-3 runtime still runs)."""
+    model = _tiny_llama()
+    block = decoder_layers(model)[0]
+    ids = torch.randint(0, 97, (6, 24), generator=torch.Generator().manual_seed(1))
+    runtime = Runtime("cpu")
+    acts = capture_inputs(model, ids, runtime, 4)
+    ran = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda m, i, o: ran.append(o.shape))
+    stopped = collect_input_stats(block, get_pruner(method), acts, runtime, 4, layer=0)
+    assert ran == []  # 6 sequences in batches of 4: two forwards, both cut before its product
+    monkeypatch.setattr(runtime, "stop_after_inputs", False)
+    whole = collect_input_stats(block, get_pruner(method), acts, runtime, 4, layer=0)
+    handle.remove()
+    assert len(ran) == 2
+    assert set(stopped) == set(whole)
+    for name in stopped:
+        for a, b in zip(stopped[name].tensors(), whole[name].tensors()):
+            assert torch.equal(a, b), name

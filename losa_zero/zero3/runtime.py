@@ -42,6 +42,7 @@ class ZeroRuntime(Runtime):
     """Runtime of one rank of a ZeRO-3 run (``torch.distributed`` initialised)."""
 
     unwrap_after_merge = False
+    stop_after_inputs = False
 
     def __init__(self, device: torch.device | str, ds_config: dict, calib_batch_size: int,
                  mask_device: torch.device | str | None = None, activation_dir: Path | None = None):
