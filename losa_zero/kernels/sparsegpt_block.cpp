@@ -26,7 +26,7 @@
 
 namespace {
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(__linux__)
 // One copy of the row loop per instruction-set level (AVX-512, AVX2, baseline x86-64), chosen
 // at load time: the same operations, in vectors of the widest width the CPU has.
 #define LZ_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
