@@ -48,7 +48,7 @@ struct Block {
   int64_t width, n, m;
 };
 
-// Chooses the N:M group of row r that starts at column g: the m - n lowest saliencies are
+// Chooses one row's N:M group that starts at column g: the m - n lowest saliencies are
 // pruned, ties by position, weights pruned before ranking lowest (and staying pruned).
 inline void select_group(const Block& b, const float* w, bool* keep, const bool* prev, int64_t g) {
   float sal[kMaxM];
