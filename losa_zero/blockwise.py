@@ -132,15 +132,18 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _batches(acts: Activations, batch_size: int, device: torch.device):
+    """The local sequences' block inputs, ``batch_size`` at a time, on ``device``."""
+    for start in range(0, acts.hidden.shape[0], batch_size):
+        yield acts.hidden[start:start + batch_size].to(device)
+
+
 @torch.no_grad()
 def forward_block(block: nn.Module, acts: Activations, batch_size: int, device: torch.device, *,
                   layer: int) -> torch.Tensor:
     """Decoder layer ``layer``'s outputs for every local sequence, stored where the inputs are."""
     kwargs = acts.layer_kwargs[layer]
-    outs = []
-    for start in range(0, acts.hidden.shape[0], batch_size):
-        x = acts.hidden[start:start + batch_size].to(device)
-        outs.append(call_block(block, x, kwargs).to(acts.hidden.device))
+    outs = [call_block(block, x, kwargs).to(acts.hidden.device) for x in _batches(acts, batch_size, device)]
     if not outs:
         return acts.hidden.clone()
     return torch.cat(outs, 0)
@@ -164,33 +167,32 @@ def collect_input_stats(block: nn.Module, pruner: Pruner, acts: Activations, run
     linears = layer_linears(block)
     stats: dict = {}
     handles = []
-    seen: set[int] = set()
-    recorded: list = []
+    seen: set[int] = set()  # the groups recorded in the current batch
 
-    def record(module, args, s, key):
-        s.add_batch(args[0].detach())
-        seen.add(key)
-        if runtime.stop_after_inputs and len(seen) == len(recorded):
-            raise _InputsRecorded
+    def recorder(s):
+        def record(module, args):
+            s.add_batch(args[0].detach())
+            seen.add(id(s))
+            if runtime.stop_after_inputs and len(seen) == len(handles):
+                raise _InputsRecorded
+        return record
 
     for group in input_groups(block):
         first = linears[group[0]]
         s = runtime.new_stats(pruner, first.in_features)
         stats.update({name: s for name in group})
         if s is not None:
-            recorded.append(s)
-            handles.append(first.register_forward_pre_hook(
-                lambda m, args, s=s, key=len(recorded): record(m, args, s, key)))
+            handles.append(first.register_forward_pre_hook(recorder(s)))
     if set(stats) != set(linears):
         raise RuntimeError(f"input_groups does not cover the layer's linears: {sorted(set(linears) ^ set(stats))}")
     if not handles:
         return stats
     kwargs = acts.layer_kwargs[layer]
     try:
-        for start in range(0, acts.hidden.shape[0], batch_size):
+        for x in _batches(acts, batch_size, runtime.device):
             seen.clear()
             try:
-                call_block(block, acts.hidden[start:start + batch_size].to(runtime.device), kwargs)
+                call_block(block, x, kwargs)
             except _InputsRecorded:
                 pass
     finally:
