@@ -178,19 +178,20 @@ def test_large_batch_and_grad_take_the_dense_path(kernel):
 
 
 def test_kernel_rejects_bad_layout(kernel):
-    bw = pack_bitmask(_sparse_weight(6, 16, 0.5, torch.float32))
+    rows = ROW_BLOCK + 2  # two row blocks, which hold ROW_BLOCK + 1 to 2 * ROW_BLOCK rows
+    bw = pack_bitmask(_sparse_weight(rows, 16, 0.5, torch.float32))
     args = (bw.mask, bw.values, bw.block_offsets)
     with pytest.raises(RuntimeError, match="x has 8 columns"):
-        kernel.matmul(torch.zeros(1, 8), *args, 6)
+        kernel.matmul(torch.zeros(1, 8), *args, rows)
     with pytest.raises(RuntimeError, match="padding"):
-        kernel.matmul(torch.zeros(1, 16), bw.mask, bw.values[:-1], bw.block_offsets, 6)
+        kernel.matmul(torch.zeros(1, 16), bw.mask, bw.values[:-1], bw.block_offsets, rows)
     with pytest.raises(RuntimeError, match="floating-point"):
-        kernel.matmul(torch.zeros(1, 16, dtype=torch.int32), *args, 6)
-    for out in (4, 9):  # the mask's 2 row blocks hold 5 to 8 rows
+        kernel.matmul(torch.zeros(1, 16, dtype=torch.int32), *args, rows)
+    for out in (ROW_BLOCK, 2 * ROW_BLOCK + 1):
         with pytest.raises(RuntimeError, match="does not fit"):
             kernel.matmul(torch.zeros(1, 16), *args, out)
     with pytest.raises(RuntimeError, match="does not fit"):
-        kernel.decompress(*args, 9, torch.float32)
+        kernel.decompress(*args, 2 * ROW_BLOCK + 1, torch.float32)
 
 
 def test_no_compiler_falls_back_to_dense(monkeypatch, caplog):

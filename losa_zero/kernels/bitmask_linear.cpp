@@ -3,9 +3,9 @@
 // bitmask_rows.h, compiled once per instruction set (bitmask_rows_{avx512,avx2,scalar}.cpp).
 //
 // Layout of a weight W [out, in] (built by losa_zero.kernels.layout.pack_bitmask), rows in
-// blocks of R = 4 (lz::kRowBlock), columns in groups of 8 (in_pad = in rounded up to 8):
+// blocks of R = 8 (lz::kRowBlock), columns in groups of 8 (in_pad = in rounded up to 8):
 //   mask          uint8 [blocks, groups * R]   byte R*k + i of block b: bit j set  <=>
-//                                              W[R*b + i, 8k + j] != 0 (one 32-bit word per
+//                                              W[R*b + i, 8k + j] != 0 (one 64-bit word per
 //                                              block and column group)
 //   values        [nnz + 16] of bf16, fp16 (stored as int16 bits) or fp32: the nonzeros in
 //                 the same order (block, column group, row, column), then 16 zeros so that
@@ -18,7 +18,7 @@
 // two sequential streams (mask words, values), which the hardware prefetchers follow.  The
 // work per 8 weights is: one shuffle (AVX2: a table-driven vpshufb that also widens bf16 to
 // fp32; AVX-512: vexpandps under the mask, two rows at once) that moves the next packed
-// values into their lanes (zeros elsewhere), one FMA per token; per 32 weights one mask
+// values into their lanes (zeros elsewhere), one FMA per token; per 64 weights one mask
 // word and one x vector.
 //
 // The instruction set is chosen at run time, so one build runs on every x86-64 machine:

@@ -5,7 +5,7 @@
 // rows, 16 lanes), with a handful of primitives: load 8 columns of x into every row's
 // lanes, expand the next packed values into the lanes whose mask bit is set (zeros
 // elsewhere), FMA, per-row horizontal sums.  In the layout the mask bytes of a block's
-// kRowBlock rows for one group of 8 columns are one 32-bit word and their values follow
+// kRowBlock rows for one group of 8 columns are one 64-bit word and their values follow
 // each other, so `rows` consecutive rows are `8 * rows` consecutive mask bits and one
 // expand serves them all.  The loop (blocks, token tiling, pointer walk) is the same
 // template for all, so a path the test machine cannot execute is the same code as the one
@@ -50,7 +50,8 @@ LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y
   constexpr int RW = V::rows;
   constexpr int NV = lz::kRowBlock / RW;
   constexpr int BITS = 8 * RW;  // mask bits per vector
-  constexpr uint32_t LOW = BITS == 32 ? 0xffffffffu : (1u << BITS) - 1;
+  static_assert(8 * lz::kRowBlock == 64, "one 64-bit mask word per block and column group");
+  constexpr uint64_t LOW = (uint64_t(1) << BITS) - 1;
   constexpr int VS = V::template value_size<K>();
   // x vectors stay in registers when they fit beside the accumulators, else each FMA loads its own
   constexpr bool X_IN_REGS = G * B + B + 1 <= V::registers;
@@ -61,19 +62,19 @@ LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y
   for (int g = 0; g < G; ++g)
     for (int b = 0; b < B; ++b) acc[g][b] = V::zero();
   for (int64_t s = 0; s < groups; ++s) {
-    uint32_t word;
-    std::memcpy(&word, m + lz::kRowBlock * s, 4);
+    uint64_t word;
+    std::memcpy(&word, m + lz::kRowBlock * s, 8);
     const float* xs = x + 8 * s;
     typename V::vec xv[X_IN_REGS ? B : 1];
     if constexpr (X_IN_REGS) {
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) xv[b] = V::load_x(xs + b * ldx);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const int gv = G0 + g;  // vector index in the block
-      const uint32_t bits = (word >> (BITS * gv)) & LOW;
-      const int64_t before = gv == 0 ? 0 : V::popcount(word & ((1u << (BITS * gv)) - 1));
+      const uint32_t bits = static_cast<uint32_t>((word >> (BITS * gv)) & LOW);
+      const int64_t before = gv == 0 ? 0 : V::popcount(word & ((uint64_t(1) << (BITS * gv)) - 1));
       const typename V::vec w = V::template expand<K>(v + before * VS, bits);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) {

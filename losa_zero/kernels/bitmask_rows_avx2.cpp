@@ -53,7 +53,7 @@ struct Avx2 {
   }
   LZ_TARGET static inline vec zero() { return _mm256_setzero_ps(); }
   LZ_TARGET static inline vec load_x(const float* p) { return _mm256_loadu_ps(p); }
-  LZ_TARGET static inline int64_t popcount(uint32_t m) { return __builtin_popcountll(m); }  // 64-bit: no sign extension in address arithmetic
+  LZ_TARGET static inline int64_t popcount(uint64_t m) { return __builtin_popcountll(m); }  // 64-bit: no sign extension in address arithmetic
   template <lz::VKind K>
   LZ_TARGET static inline vec expand(const void* v, uint32_t m) {
     if constexpr (K == lz::VKind::BF16) {

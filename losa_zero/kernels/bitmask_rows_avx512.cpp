@@ -28,7 +28,7 @@ struct Avx512 {
   LZ_TARGET static inline vec load_x(const float* p) {
     return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
   }
-  LZ_TARGET static inline int64_t popcount(uint32_t m) { return __builtin_popcountll(m); }  // 64-bit: no sign extension in address arithmetic
+  LZ_TARGET static inline int64_t popcount(uint64_t m) { return __builtin_popcountll(m); }  // 64-bit: no sign extension in address arithmetic
   // The next 16 packed values widened to fp32, then lane j of each set bit j gets the next one.
   template <lz::VKind K>
   LZ_TARGET static inline vec expand(const void* v, uint32_t m) {

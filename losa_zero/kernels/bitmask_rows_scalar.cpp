@@ -61,7 +61,7 @@ struct Scalar16 {
     for (int j = 0; j < 16; ++j) r.v[j] = p[j % 8];
     return r;
   }
-  static int64_t popcount(uint32_t m) { return __builtin_popcountll(m); }
+  static int64_t popcount(uint64_t m) { return __builtin_popcountll(m); }
   template <lz::VKind K>
   static float value(const void* values, int64_t i) {
     if constexpr (K == lz::VKind::BF16) return bf16_to_float(static_cast<const uint16_t*>(values)[i]);

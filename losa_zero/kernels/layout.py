@@ -3,12 +3,12 @@
 A weight ``W [out, in]`` is kept as a bitmask of its nonzeros plus the nonzeros themselves:
 the bytes read per token fall with the density, which is what decode speed depends on.
 
-Rows are grouped in blocks of ``ROW_BLOCK`` (4), and within a block the mask and the values
+Rows are grouped in blocks of ``ROW_BLOCK`` (8), and within a block the mask and the values
 are interleaved column group by column group (8 columns, one mask byte per row): the mask
-bytes of the block's 4 rows for columns 8k..8k+7 are 4 consecutive bytes (one 32-bit word),
-and the values are those of row 0's byte k, then row 1's, row 2's, row 3's, then the same
-for byte k+1. A kernel computing the block then reads exactly two sequential streams
-(mask words and values), with one mask load per 32 weights and one pointer that advances by
+bytes of the block's 8 rows for columns 8k..8k+7 are 8 consecutive bytes (one 64-bit word),
+and the values are those of row 0's byte k, then row 1's, ..., row 7's, then the same for
+byte k+1. A kernel computing the block then reads exactly two sequential streams
+(mask words and values), with one mask load per 64 weights and one pointer that advances by
 the word's bit count; consecutive blocks follow each other in memory, so a whole layer is
 two streams as well. The C++ kernel (``bitmask_linear.cpp``) and the Triton kernel
 (``gpu.py``) read this layout; :func:`unpack_bitmask` is their reference.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-ROW_BLOCK = 4    # rows interleaved per block (the C++ kernel's kRowBlock)
+ROW_BLOCK = 8    # rows interleaved per block (the C++ kernel's kRowBlock)
 PAD_VALUES = 16  # zeros after the last nonzero: the kernels load fixed-width groups past it
 VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
