@@ -269,6 +269,15 @@ def test_pattern_weights_and_2to4_check():
     assert w70[kept].abs().min() >= pattern_weight(64, 128, "0%", torch.float32)[~kept].abs().max()
 
 
+def test_interleaved_rotates_the_order():
+    from losa_zero.kernels.bench_speed import interleaved
+
+    calls = []
+    ms = interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=3, warmup=1)
+    assert set(ms) == set("abc")
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab"  # warm-up, then one rotation per repeat
+
+
 def test_semi_structured_rejects_unstructured():
     from losa_zero.errors import LosaZeroError
     from losa_zero.kernels.gpu import to_semi_structured

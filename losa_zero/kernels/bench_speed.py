@@ -38,14 +38,20 @@ def _time(fn) -> float:
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each callable, run round-robin ``repeats`` times."""
+    """Median milliseconds of each callable, run round-robin ``repeats`` times.
+
+    The order rotates by one each repeat, so no callable always runs right after the same
+    one: a kernel runs slower right after a long memory-bound one (the fp32 reference), and
+    a fixed order would hand that cost to the same side every time.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(_time(fn))
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            times[k].append(_time(fns[k]))
     return {k: _median_ms(v) for k, v in times.items()}
 
 
