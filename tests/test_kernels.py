@@ -110,7 +110,7 @@ def test_kernel_matches_dense(kernel, monkeypatch, isa, dtype):
         monkeypatch.setenv("LOSA_ZERO_KERNEL_ISA", isa)
         assert kernel.isa() == isa
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    for out, cols in [(9, 13), (64, 64), (67, 200), (5, 8)]:
+    for out, cols in [(9, 13), (64, 64), (67, 200), (5, 8), (19, 2100)]:  # 2100: several column chunks
         w = _sparse_weight(out, cols, 0.7, dtype, seed=out)
         lin = torch.nn.Linear(cols, out, dtype=dtype)
         lin.weight.data = w

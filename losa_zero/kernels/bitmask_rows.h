@@ -39,14 +39,21 @@ constexpr int vectors_per_pass() {
   return g;
 }
 
-// One pass over block `blk` for B tokens: its vectors G0 .. G0+G-1 (rows RW*G0 ..), then
-// the next pass (a compile-time recursion, so every shift and mask below is a constant).
-// Each x vector loaded serves G vectors of rows, each expanded weight vector serves B
-// tokens, the G*B accumulators are independent FMA chains.  A pass walks the block's mask
-// words and values sequentially; with fewer than all vectors per pass (many tokens) the
-// block is walked once per pass, the later passes from cache.
+// Column groups per chunk when a block takes several passes: the chunk's mask words and
+// values (a few KiB at the densities worth packing) stay in L1 from the first pass to the
+// last, instead of each pass fetching the whole block again from L2.
+constexpr int64_t kPassChunkGroups = 32;
+
+// One pass over column groups [s0, s1) of a block for B tokens: its vectors G0 .. G0+G-1
+// (rows RW*G0 ..), then the next pass (a compile-time recursion, so every shift and mask
+// below is a constant).  Each x vector loaded serves G vectors of rows, each expanded weight
+// vector serves B tokens, the G*B accumulators are independent FMA chains, kept in
+// registers through the walk and in `acc` (the block's accumulators) between chunks.  A
+// pass walks the chunk's mask words and values sequentially from `v`, the chunk's first
+// value; it returns the value after the chunk.
 template <class V, lz::VKind K, int B, int G, int G0>
-LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y, int64_t blk) {
+LZ_TARGET inline const char* block_pass(const lz::RowsArgs& a, const float* x, const uint8_t* m, const char* v,
+                                        int64_t s0, int64_t s1, typename V::vec (*acc)[B]) {
   constexpr int RW = V::rows;
   constexpr int NV = lz::kRowBlock / RW;
   constexpr int BITS = 8 * RW;  // mask bits per vector
@@ -55,13 +62,12 @@ LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y
   constexpr int VS = V::template value_size<K>();
   // x vectors stay in registers when they fit beside the accumulators, else each FMA loads its own
   constexpr bool X_IN_REGS = G * B + B + 1 <= V::registers;
-  const int64_t groups = a.groups, ldx = a.ldx;
-  const uint8_t* m = a.mask + blk * groups * lz::kRowBlock;
-  const char* v = static_cast<const char*>(a.values) + a.block_offsets[blk] * VS;
-  typename V::vec acc[G][B];
+  const int64_t ldx = a.ldx;
+  const char* const v0 = v;
+  typename V::vec r[G][B];
   for (int g = 0; g < G; ++g)
-    for (int b = 0; b < B; ++b) acc[g][b] = V::zero();
-  for (int64_t s = 0; s < groups; ++s) {
+    for (int b = 0; b < B; ++b) r[g][b] = acc[G0 + g][b];
+  for (int64_t s = s0; s < s1; ++s) {
     uint64_t word;
     std::memcpy(&word, m + lz::kRowBlock * s, 8);
     const float* xs = x + 8 * s;
@@ -78,14 +84,37 @@ LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y
       const typename V::vec w = V::template expand<K>(v + before * VS, bits);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) {
-        if constexpr (X_IN_REGS) acc[g][b] = V::fma(w, xv[b], acc[g][b]);
-        else acc[g][b] = V::fma(w, V::load_x(xs + b * ldx), acc[g][b]);
+        if constexpr (X_IN_REGS) r[g][b] = V::fma(w, xv[b], r[g][b]);
+        else r[g][b] = V::fma(w, V::load_x(xs + b * ldx), r[g][b]);
       }
     }
     v += V::popcount(word) * VS;
   }
-  for (int g = 0; g < G; ++g) {
-    const int64_t r = lz::kRowBlock * blk + RW * (G0 + g);
+  for (int g = 0; g < G; ++g)
+    for (int b = 0; b < B; ++b) acc[G0 + g][b] = r[g][b];
+  if constexpr (G0 + G < NV) block_pass<V, K, B, G, G0 + G>(a, x, m, v0, s0, s1, acc);
+  return v;
+}
+
+// Block `blk` for B tokens: all its vectors' passes over one chunk of columns, then the
+// next chunk (one chunk of all columns when a single pass holds every vector).
+template <class V, lz::VKind K, int B>
+LZ_TARGET void block_b(const lz::RowsArgs& a, const float* x, float* y, int64_t blk) {
+  constexpr int RW = V::rows;
+  constexpr int NV = lz::kRowBlock / RW;
+  constexpr int G = vectors_per_pass<V, B>();
+  constexpr int VS = V::template value_size<K>();
+  const int64_t groups = a.groups;
+  const int64_t chunk = G == NV ? groups : kPassChunkGroups;
+  const uint8_t* m = a.mask + blk * groups * lz::kRowBlock;
+  const char* v = static_cast<const char*>(a.values) + a.block_offsets[blk] * VS;
+  typename V::vec acc[NV][B];
+  for (int g = 0; g < NV; ++g)
+    for (int b = 0; b < B; ++b) acc[g][b] = V::zero();
+  for (int64_t s0 = 0; s0 < groups; s0 += chunk)
+    v = block_pass<V, K, B, G, 0>(a, x, m, v, s0, s0 + chunk < groups ? s0 + chunk : groups, acc);
+  for (int g = 0; g < NV; ++g) {
+    const int64_t r = lz::kRowBlock * blk + RW * g;
     for (int b = 0; b < B; ++b) {
       float sums[RW];
       V::hsum_rows(acc[g][b], sums);
@@ -93,12 +122,11 @@ LZ_TARGET inline void block_pass(const lz::RowsArgs& a, const float* x, float* y
         if (r + i < a.out) y[b * a.ldy + r + i] = sums[i];
     }
   }
-  if constexpr (G0 + G < NV) block_pass<V, K, B, G, G0 + G>(a, x, y, blk);
 }
 
 template <class V, lz::VKind K, int B>
 LZ_TARGET void blocks_b(const lz::RowsArgs& a, const float* x, float* y, int64_t blk0, int64_t blk1) {
-  for (int64_t blk = blk0; blk < blk1; ++blk) block_pass<V, K, B, vectors_per_pass<V, B>(), 0>(a, x, y, blk);
+  for (int64_t blk = blk0; blk < blk1; ++blk) block_b<V, K, B>(a, x, y, blk);
 }
 
 template <class V, lz::VKind K>
