@@ -81,9 +81,10 @@ def _kernel():
     return _JIT[key]
 
 
-def triton_bitmask_matmul(x: torch.Tensor, packed: BitmaskWeight, block: int = 256) -> torch.Tensor:
+def triton_bitmask_matmul(x: torch.Tensor, packed: BitmaskWeight, block: int = 128) -> torch.Tensor:
     """``x @ W^T`` (fp32 result) for x [batch <= 8, in] with W in the bitmask layout, by Triton
-    (``block``: columns per step of a program, a power of two >= 8)."""
+    (``block``: columns per step of a program, a power of two >= 8; the step handles
+    ``block * ROW_BLOCK`` mask bits at once, 1024 by default)."""
     if triton is None:
         raise LosaZeroError("triton is not installed: install torch for CUDA (which brings triton) to use the GPU path")
     batch = x.shape[0]
