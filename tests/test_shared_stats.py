@@ -141,7 +141,6 @@ def test_selection_equals_stable_sort_with_ties(trial):
     assert torch.equal(nm_keep(score, 2, m, prev), ref)
 
 
-
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_statistics_forward_stops_after_the_last_input(method, monkeypatch):
     """A statistics forward stops once every input group of the batch is recorded: the
